@@ -1,0 +1,246 @@
+"""What the five method files share: data, patchify/unpatchify, the learning-rate schedule.
+
+Data. `load_images(args.data)` gives a folder data set (ImageFolder layout DIR/train/<class>/,
+DIR/<class>/, or a flat folder of images) or, with no --data, `BuiltinShapes`: ten classes of
+shapes and textures drawn on the fly, so every command runs on a fresh machine with no download.
+`pretrain_loader` wraps either with the MAE augmentation and hands each sample its own random
+stream, seeded by (seed, epoch, index): crops, flips and the masking noise of a sample are then
+the same whatever the number of processes or workers, and a resumed run sees exactly the
+batches an uninterrupted one would.
+"""
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import transforms
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+# --- the built-in data set ---
+
+
+class BuiltinShapes(Dataset):
+    """Ten labelled classes drawn procedurally: sample i is a pure function of (i, size).
+
+    Classes 0-5 are a shape (disk, square, triangle, ring, cross, star) over a random gradient
+    background; 6-9 are a texture (stripes, checkerboard, dots, concentric waves) seen through a
+    random window. Colours, positions, sizes and angles vary per sample, so a masked model has
+    edges, corners and periodic structure to infer from the visible patches.
+    """
+    classes = ["disk", "square", "triangle", "ring", "cross", "star",
+               "stripes", "checkerboard", "dots", "waves"]
+
+    def __init__(self, length=4096, size=224, offset=0):
+        self.length, self.size, self.offset = length, size, offset  # offset: a disjoint split
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        label = i % 10
+        rng = np.random.default_rng([self.offset + i, 0x5EED])
+        s = self.size
+        y, x = np.mgrid[0:s, 0:s] / (s - 1) * 2 - 1               # [s, s] coordinates in [-1, 1]
+        bg0, bg1, fg = rng.uniform(0, 1, (3, 3))
+        fg = np.where(np.abs(fg - bg0).sum() < 0.6, 1 - fg, fg)   # keep the object visible
+        angle = rng.uniform(0, 2 * np.pi)
+        ramp = (np.cos(angle) * x + np.sin(angle) * y + 1) / 2
+        img = bg0 + (bg1 - bg0) * ramp[..., None]                # [s, s, 3] background gradient
+        cx, cy, r = rng.uniform(-0.4, 0.4), rng.uniform(-0.4, 0.4), rng.uniform(0.3, 0.6)
+        theta = rng.uniform(0, 2 * np.pi)
+        u = ((x - cx) * np.cos(theta) + (y - cy) * np.sin(theta)) / r   # rotated, scaled frame
+        v = (-(x - cx) * np.sin(theta) + (y - cy) * np.cos(theta)) / r
+        rho, phi = np.hypot(u, v), np.arctan2(v, u)
+        period = rng.uniform(0.15, 0.4) * r
+        shapes = [
+            rho < 1,
+            np.maximum(np.abs(u), np.abs(v)) < 0.8,
+            (v > -0.5) & (v < 1 - 1.7 * np.abs(u)),
+            (rho < 1) & (rho > 0.6),
+            (np.minimum(np.abs(u), np.abs(v)) < 0.25) & (np.maximum(np.abs(u), np.abs(v)) < 1),
+            rho < 0.6 + 0.4 * np.cos(5 * phi),
+            np.sin(u * r / period * np.pi) > 0,
+            (np.sin(u * r / period * np.pi) > 0) ^ (np.sin(v * r / period * np.pi) > 0),
+            np.hypot(np.sin(u * r / period * np.pi), np.sin(v * r / period * np.pi)) < 0.5,
+            np.sin(rho * r / period * np.pi) > 0,
+        ]
+        inside = shapes[label] & ((rho < 1.6) if label >= 6 else True)
+        img = np.where(inside[..., None], fg, img)
+        img = img + rng.normal(0, 0.03, img.shape)              # sensor noise: nothing is flat
+        img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+        return Image.fromarray(img), label
+
+
+# --- folder data sets ---
+
+
+def _to_rgb(img):
+    """Any PIL mode to RGB; 16- and 32-bit grey is rescaled, not clipped to white."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        a = a / 257 if a.max() > 255 else a                      # 16-bit range -> 8-bit
+        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")                                # PIL wants this order
+    return img.convert("RGB")
+
+
+class ImageFiles(Dataset):
+    """Images under `root`: `root/<class>/**` (labelled) or a flat folder (label 0).
+
+    A file PIL cannot read is skipped with a warning naming it, and the next readable file
+    stands in, so one bad JPEG never stops an epoch.
+    """
+
+    def __init__(self, root):
+        if not os.path.isdir(root):
+            raise ValueError(f"--data {root}: no such folder; give a folder of images or of class folders")
+        subdirs = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+        self.classes = [d for d in subdirs if _image_paths(os.path.join(root, d))]
+        self.samples = [(p, label) for label, d in enumerate(self.classes)
+                        for p in _image_paths(os.path.join(root, d))]
+        if not self.samples:                                     # flat layout
+            self.classes = []
+            self.samples = [(p, 0) for p in _image_paths(root, recursive=False)]
+        if not self.samples:
+            raise ValueError(f"--data {root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}); "
+                             "give DIR/train/<class>/*, DIR/<class>/* or a folder of images")
+        self.bad = set()
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        for j in range(i, i + len(self.samples)):
+            path, label = self.samples[j % len(self.samples)]
+            if path in self.bad:
+                continue
+            try:
+                with Image.open(path) as img:
+                    return _to_rgb(img), label                   # convert() loads every pixel
+            except Exception as e:                               # PIL raises many kinds
+                self.bad.add(path)
+                warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=2)
+        raise ValueError(f"--data: none of the {len(self.samples)} images could be read")
+
+
+def _image_paths(folder, recursive=True):
+    if not recursive:
+        return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                      if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(folder, followlinks=True)
+                  for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def load_images(data, split="train", size=224, builtin_length=4096):
+    """The data set a method trains on: `data` is a folder, or None for `BuiltinShapes`."""
+    if data is None:
+        return BuiltinShapes(builtin_length, size, offset=0 if split == "train" else 10**6)
+    if not os.path.isdir(data):
+        raise ValueError(f"--data {data}: no such folder")
+    sub = os.path.join(data, split)
+    return ImageFiles(sub if os.path.isdir(sub) else data)
+
+
+# --- pre-training input pipeline (MAE §4, main_pretrain.py) ---
+
+
+def pretrain_transform(size):
+    return transforms.Compose([
+        transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class SeededSamples(Dataset):
+    """Applies `transform` and draws masking noise [L] from a stream seeded by (seed, epoch, i)."""
+
+    def __init__(self, images, transform, seed, mask_units):
+        self.images, self.transform, self.seed, self.mask_units = images, transform, seed, mask_units
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1, np.uint64)[0] >> 1)
+        img, _ = self.images[i]
+        with torch.random.fork_rng(devices=[]):                  # leave the caller's stream alone
+            torch.manual_seed(seed)                              # torchvision draws from it
+            img = self.transform(img)
+            noise = torch.rand(self.mask_units)
+        return img, noise
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler that yields (epoch, index) and can start `skip_batches` into an epoch."""
+
+    def __init__(self, dataset, world_size, rank, seed, batch_size):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.batch_size, self.skip_batches = batch_size, 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.skip_batches * self.batch_size:]
+        return iter([(self.epoch, i) for i in indices])
+
+    def __len__(self):
+        return self.num_samples - self.skip_batches * self.batch_size
+
+
+def pretrain_loader(images, size, batch_size, mask_units, seed=0, rank=0, world_size=1, num_workers=4):
+    """Loader of (imgs [B, 3, size, size], noise [B, mask_units]) batches for this rank.
+
+    Call `loader.sampler.set_epoch(epoch)` each epoch; set `loader.sampler.skip_batches` to resume
+    mid-epoch. `len(loader)` is the number of full batches per epoch (drop_last).
+    """
+    samples = SeededSamples(images, pretrain_transform(size), seed, mask_units)
+    sampler = EpochSampler(samples, world_size, rank, seed, batch_size)
+    if len(sampler) < batch_size:
+        raise ValueError(f"--batch_size {batch_size}: larger than the {len(sampler)} images each of "
+                         f"{world_size} process(es) gets; lower it or add images")
+    return DataLoader(samples, batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+# --- patches (MAE §3: the target is the pixels of each patch) ---
+
+
+def patchify(imgs, p):
+    """[N, 3, H, W] -> [N, L, p*p*3], patches in row-major order, channel innermost (official order)."""
+    N, C, H, W = imgs.shape
+    assert H % p == 0 and W % p == 0, f"image {H}x{W} is not a multiple of patch {p}"
+    x = imgs.reshape(N, C, H // p, p, W // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(N, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(x, p, hw=None):
+    """[N, L, p*p*3] -> [N, 3, h*p, w*p]; `hw` = (h, w) patches, square by default."""
+    N, L, _ = x.shape
+    h, w = hw or (math.isqrt(L),) * 2
+    assert h * w == L, f"{L} patches do not form a {h}x{w} grid"
+    x = x.reshape(N, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(N, -1, h * p, w * p)
+
+
+# --- learning rate: linear warmup, then half-cycle cosine (MAE util/lr_sched.py) ---
+
+
+def cosine_lr(epoch, lr, min_lr, warmup_epochs, epochs):
+    """The lr at a fractional `epoch` (epoch + step / steps_per_epoch)."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer, lr):
+    """Every group gets `lr`, times its `lr_scale` where it has one (layer-wise decay)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

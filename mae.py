@@ -1,0 +1,544 @@
+"""MAE: masked autoencoders pre-train a ViT by reconstructing the pixels of hidden patches.
+
+The encoder sees only the ~25 % of patches left visible (no mask tokens); a light decoder
+gets the encoded visible tokens plus a shared mask token at every hidden position and
+predicts their pixels; the loss is the MSE on hidden patches only (§3).
+
+Paper: He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022,
+https://arxiv.org/abs/2111.06377. Official code: https://github.com/facebookresearch/mae.
+This file rebuilds the official pre-training model with plain PyTorch: same state_dict,
+same numbers (tests/test_mae.py checks it against fixtures made by the official code).
+
+    python mae.py --model mae_vit_tiny --epochs 2                      # CPU demo, built-in data
+    torchrun --nproc_per_node=8 mae.py --data /imagenet --accum_iter 8 # paper recipe, 1 node
+    torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK \
+        --master_addr=$MASTER --master_port=29500 mae.py --data /imagenet   # 64 GPUs
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from common import IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_images, patchify, pretrain_loader, set_lr, unpatchify
+
+# Conventions: N batch, L patches, D width, p patch size. mask: 1 = hidden, 0 = visible.
+
+# --- transformer blocks (ViT; parameter names as in timm 0.3.2, which the official code uses) ---
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):                                               # [N, T, D]
+        N, T, D = x.shape
+        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                            # [N, heads, T, D/heads] each
+        x = F.scaled_dot_product_attention(q, k, v)                     # softmax(q k^T / sqrt(D/heads)) v
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; `drop_path` (stochastic depth) is for fine-tuning only."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        x = x + self._drop(self.attn(self.norm1(x)))
+        return x + self._drop(self.mlp(self.norm2(x)))
+
+    def _drop(self, x):                       # zero the branch for whole samples, rescale the rest
+        if not self.training or self.drop_path == 0.0:
+            return x
+        keep = 1.0 - self.drop_path
+        return x * x.new_empty(x.shape[0], 1, 1).bernoulli_(keep).div_(keep)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, in_chans, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+
+    def forward(self, imgs):                                            # [N, 3, H, W]
+        return self.proj(imgs).flatten(2).transpose(1, 2)              # [N, L, D]
+
+
+def sincos_pos_embed(dim, grid_size):
+    """Fixed 2-D sin-cos position embedding [1 + g*g, dim]; row 0 (cls) is zeros.
+
+    The first dim/2 channels encode the column index, the last dim/2 the row index; each half
+    is [sin(pos * omega), cos(pos * omega)] with omega_i = 10000^(-i / (dim/4)) (MAE §A.1).
+    """
+    assert dim % 4 == 0, f"sin-cos embedding needs a width divisible by 4, got {dim}"
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    row, col = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64),
+                              torch.arange(grid_size, dtype=torch.float64), indexing="ij")
+    halves = []
+    for pos in (col.flatten(), row.flatten()):
+        angle = pos[:, None] * omega[None]                             # [g*g, dim/4]
+        halves += [angle.sin(), angle.cos()]
+    emb = torch.cat(halves, dim=1)                                      # [g*g, dim]
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb]).float()
+
+
+# --- masking (MAE §3: random sampling without replacement, uniform over patches) ---
+
+
+def random_masking(x, mask_ratio, noise=None):
+    """Keep the L_keep = int(L * (1 - mask_ratio)) tokens with the smallest noise.
+
+    x [N, L, D] -> kept [N, L_keep, D] (in order of increasing noise), mask [N, L] (1 = hidden),
+    ids_restore [N, L]: gather with it to put [kept, hidden] tokens back in image order.
+    """
+    N, L, D = x.shape
+    len_keep = int(L * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(N, L, device=x.device)
+    ids_shuffle = torch.argsort(noise, dim=1)                           # ascending: small = keep
+    ids_restore = torch.argsort(ids_shuffle, dim=1)                     # rank of each patch
+    kept = torch.gather(x, 1, ids_shuffle[:, :len_keep, None].expand(-1, -1, D))
+    mask = (ids_restore >= len_keep).to(x.dtype)                        # hidden = ranked past L_keep
+    return kept, mask, ids_restore
+
+
+# --- the model: encoder on visible patches, light decoder, pixel loss (MAE §3) ---
+
+
+class MaskedAutoencoderViT(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
+                 norm_pix_loss=False, drop_path_rate=0.0):
+        super().__init__()
+        assert img_size % patch_size == 0, f"img_size {img_size} is not a multiple of patch {patch_size}"
+        self.patch_size, self.grid = patch_size, img_size // patch_size
+        self.norm_pix_loss = norm_pix_loss
+        num_patches = self.grid ** 2
+
+        # encoder; pos embeds are fixed (requires_grad=False) but stay in the state_dict, as in the official
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]   # stochastic depth rule
+        self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, dpr[i]) for i in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+        # decoder (§3: 8 blocks of width 512, <10 % of the encoder's compute per token)
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim),
+                                              requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio)
+                                             for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """Official init: sin-cos positions, xavier-uniform linears (JAX ViT), normal(.02) tokens."""
+        self.pos_embed.data.copy_(sincos_pos_embed(self.pos_embed.shape[-1], self.grid)[None])
+        self.decoder_pos_embed.data.copy_(sincos_pos_embed(self.decoder_pos_embed.shape[-1], self.grid)[None])
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))                 # the conv as a linear layer
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _embed(self, imgs):
+        if imgs.shape[-2:] != (self.grid * self.patch_size,) * 2:
+            raise ValueError(f"images are {tuple(imgs.shape[-2:])}, this model was built for "
+                             f"{self.grid * self.patch_size} px (pass img_size= to the builder)")
+        return self.patch_embed(imgs) + self.pos_embed[:, 1:]          # position before masking
+
+    def _with_cls(self, x):
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1)
+
+    def forward_encoder(self, imgs, mask_ratio, noise=None):
+        """imgs [N, 3, H, W] -> latent [N, 1 + L_keep, D], mask [N, L], ids_restore [N, L]."""
+        x = self._embed(imgs)                                           # [N, L, D]
+        x, mask, ids_restore = random_masking(x, mask_ratio, noise)     # [N, L_keep, D]
+        x = self._with_cls(x)                                           # [N, 1 + L_keep, D]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, latent, ids_restore):
+        """latent [N, 1 + L_keep, D] -> pred [N, L, p*p*3]: pixels of every patch, in image order."""
+        x = self.decoder_embed(latent)                                  # [N, 1 + L_keep, Dd]
+        N, L = ids_restore.shape
+        mask_tokens = self.mask_token.expand(N, L + 1 - x.shape[1], -1)
+        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)                  # [N, L, Dd], shuffled order
+        x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[2]))  # image order
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed   # [N, 1 + L, Dd]
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]           # drop cls: [N, L, p*p*3]
+
+    def forward_loss(self, imgs, pred, mask):
+        """Mean squared error over hidden patches; with norm_pix_loss each target patch is
+        normalised by its own mean and (unbiased) variance (§3, Table 1c)."""
+        target = patchify(imgs, self.patch_size)                        # [N, L, p*p*3]
+        if self.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        loss = ((pred - target) ** 2).mean(dim=-1)                      # [N, L] per patch
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+    def forward_features(self, imgs):
+        """The encoder on all patches, for fine-tuning: [N, 1 + L, D] after `norm`."""
+        x = self._with_cls(self._embed(imgs))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def pred_to_pixels(self, imgs, pred):
+        """pred [N, L, p*p*3] -> images [N, 3, H, W] in the input's normalisation; undoes
+        norm_pix_loss with each patch's own statistics, for pictures."""
+        if self.norm_pix_loss:
+            target = patchify(imgs, self.patch_size)
+            pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+        return unpatchify(pred, self.patch_size)
+
+
+# --- model builders (MAE Table 1 / models_mae.py; decoder 512-d, 8 blocks, 16 heads) ---
+
+MODELS = {
+    "mae_vit_base_patch16": partial(MaskedAutoencoderViT, patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "mae_vit_large_patch16": partial(MaskedAutoencoderViT, patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "mae_vit_huge_patch14": partial(MaskedAutoencoderViT, patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+    # for tests and CPU demos: ViT-Ti width, 32 px images in 8x8 patches of 4 px
+    "mae_vit_tiny": partial(MaskedAutoencoderViT, img_size=32, patch_size=4, embed_dim=192, depth=4, num_heads=3,
+                            decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+}
+
+# --- arguments (defaults: the paper's ViT-B recipe, PRETRAIN.md) ---
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="MAE pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="mae_vit_base_patch16", help=f"one of: {', '.join(MODELS)}")
+    p.add_argument("--data", default=None, help="image folder (DIR/train/<class>/*, DIR/<class>/* or flat); "
+                                                "none: the built-in data set")
+    p.add_argument("--input_size", type=int, default=None, help="image size; default: the model's (224, tiny: 32)")
+    p.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches hidden (§4: 75 %%)")
+    p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="per-patch normalised pixel targets (PRETRAIN.md recipe)")
+    # optimisation (MAE Table 8: AdamW, blr 1.5e-4, batch 4096, wd 0.05, cosine, 40 warmup epochs)
+    p.add_argument("--epochs", type=int, default=800)
+    p.add_argument("--warmup_epochs", type=int, default=40)
+    p.add_argument("--batch_size", type=int, default=64, help="per process; effective = batch_size x accum_iter x processes")
+    p.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr x effective batch / 256")
+    p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
+    p.add_argument("--min_lr", type=float, default=0.0)
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--clip_grad", type=float, default=None, help="max grad norm; MAE uses none")
+    # system
+    p.add_argument("--output_dir", default=None, help="default: output/<model>")
+    p.add_argument("--resume", default="", help="checkpoint path, or 'auto' for output_dir/checkpoint-last.pth if present")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_workers", type=int, default=8)
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--save_every", type=int, default=20, help="keep a copy of the checkpoint every N epochs")
+    p.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts."""
+    if args.model not in MODELS:
+        sys.exit(f"error: --model {args.model} is unknown; choose one of: {', '.join(MODELS)}")
+    for flag in ("epochs", "batch_size", "accum_iter", "save_every", "log_every"):
+        if getattr(args, flag) <= 0:
+            sys.exit(f"error: --{flag} must be a positive integer, got {getattr(args, flag)}")
+    if args.warmup_epochs < 0 or args.num_workers < 0:
+        sys.exit("error: --warmup_epochs and --num_workers must be >= 0")
+    if not 0.0 < args.mask_ratio < 1.0:
+        sys.exit(f"error: --mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    defaults = MODELS[args.model].keywords
+    patch = defaults["patch_size"]
+    args.input_size = args.input_size or defaults.get("img_size", 224)
+    if args.input_size <= 0 or args.input_size % patch:
+        sys.exit(f"error: --input_size {args.input_size} is not a positive multiple of {args.model}'s patch size "
+                 f"{patch}; try {max(args.input_size // patch, 1) * patch}")
+    args.output_dir = args.output_dir or os.path.join("output", args.model)
+
+
+# --- training (MAE §4 / main_pretrain.py + engine_pretrain.py) ---
+
+
+def save_checkpoint(state, path):
+    """Atomic: a crash mid-write leaves the previous file intact."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, model_name):
+    if not os.path.isfile(path):
+        sys.exit(f"error: --resume {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        sys.exit(f"error: --resume {path}: not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or ckpt.get("args", {}).get("model") != model_name:
+        found = ckpt.get("args", {}).get("model", "no model name") if isinstance(ckpt, dict) else "not a dict"
+        sys.exit(f"error: --resume {path} is not a {model_name} training checkpoint ({found}); "
+                 f"pass --model to match it or start a new --output_dir")
+    return ckpt
+
+
+@torch.no_grad()
+def save_reconstruction(model, imgs, noise, mask_ratio, path):
+    """One row per image: original | masked | reconstruction | reconstruction with visible patches pasted."""
+    model.eval()
+    _, pred, mask = model(imgs, mask_ratio, noise)
+    model.train()
+    p = model.patch_size
+    hidden = unpatchify(mask[..., None].expand(-1, -1, p * p * 3), p).cpu()  # [N, 3, H, W], 1 = hidden
+    std, mean = torch.tensor(IMAGENET_STD).view(3, 1, 1), torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    orig = imgs.cpu() * std + mean                                     # back to [0, 1] pixels
+    recon = model.pred_to_pixels(imgs, pred.float()).cpu() * std + mean
+    columns = [orig, orig * (1 - hidden) + 0.5 * hidden, recon, orig * (1 - hidden) + recon * hidden]
+    grid = torch.stack(columns, dim=1).flatten(0, 1)                    # [4N, 3, H, W], row by row
+    save_image(grid.clamp(0, 1), path, nrow=4, padding=1)
+
+
+def main(args):
+    # 1. setup distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    distributed = world_size > 1
+    if distributed:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    if amp != "none" and device.type == "cpu":
+        log(f"warning: --amp {amp} on CPU is very slow here; --amp none is the CPU default")
+
+    # 2. seed: per rank, so that anything drawn outside the data pipeline differs between ranks
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+
+    # 3. data: each sample's crop, flip and masking noise are seeded by (seed, epoch, index)
+    if is_main:
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            open(os.path.join(args.output_dir, ".write-test"), "w").close()
+            os.remove(os.path.join(args.output_dir, ".write-test"))
+        except OSError as e:
+            sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
+    L = (args.input_size // MODELS[args.model].keywords["patch_size"]) ** 2
+    try:
+        images = load_images(args.data, "train", args.input_size)
+        loader = pretrain_loader(images, args.input_size, args.batch_size, L, args.seed, rank, world_size,
+                                 args.num_workers)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    steps_per_epoch = len(loader) // args.accum_iter * args.accum_iter   # whole optimizer steps only
+    if steps_per_epoch == 0:
+        sys.exit(f"error: --accum_iter {args.accum_iter} exceeds the {len(loader)} batches per epoch; lower it")
+    demo = [loader.dataset[(0, i)] for i in range(min(8, len(images)))]
+    demo_imgs, demo_noise = (torch.stack(t).to(device) for t in zip(*demo))
+
+    # 4. model: build, optionally compile, then wrap in DDP
+    model = MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss).to(device)
+    model_without_ddp = model
+    if args.compile:
+        model = torch.compile(model)
+    if distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    # 5. param groups: no weight decay on biases, norms (1-D) and tokens
+    decay, no_decay = [], []
+    for name, prm in model_without_ddp.named_parameters():
+        if prm.requires_grad:                                           # fixed pos embeds are not trained
+            (no_decay if prm.ndim <= 1 or name.endswith("_token") else decay).append(prm)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    # 6. optimizer: linear lr scaling rule (MAE §A.1: lr = blr x batch / 256), betas (0.9, 0.95)
+    eff_batch = args.batch_size * args.accum_iter * world_size
+    args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+                if amp != "none" else nullcontext())
+    log(f"{args.model} | {sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.1f} M params | "
+        f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {world_size} | lr {args.lr:.3g} | "
+        f"{steps_per_epoch // args.accum_iter} steps/epoch | amp {amp} | {device}")
+
+    # 7. schedule: lr set every optimizer step from the fractional epoch (common.cosine_lr)
+    # 8. resume: model, optimizer, scaler, position in the run, RNG states
+    epoch, batch_in_epoch = 0, 0
+    path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
+    resume = path_last if args.resume == "auto" else args.resume
+    if resume and (args.resume != "auto" or os.path.isfile(path_last)):
+        ckpt = load_checkpoint(resume, args.model)
+        try:
+            model_without_ddp.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            sys.exit(f"error: --resume {resume} does not fit {args.model} at --input_size {args.input_size} "
+                     f"({str(e).splitlines()[1].strip()})")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        epoch, batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
+        if len(ckpt["rng"]) == world_size:                              # else a new world: fresh seeds
+            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+        log(f"resumed from {resume} at epoch {epoch}, batch {batch_in_epoch}")
+
+    stop = {"signal": None}                                              # SIGTERM: save at the next step
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+
+    def checkpoint(epoch, batch_in_epoch):
+        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
+        rngs = [rng]
+        if distributed:                                                  # every rank's streams, kept by rank 0
+            rngs = [None] * world_size
+            dist.all_gather_object(rngs, rng)
+        if is_main:
+            save_checkpoint({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                             "args": vars(args), "rng": rngs}, path_last)
+
+    # ranks agree on stopping through a CPU (gloo) group: no GPU sync per step
+    stop_group = dist.new_group(backend="gloo") if distributed else None
+
+    def agreed(flag):                                                    # True on every rank if on any
+        if not distributed:
+            return flag
+        t = torch.tensor([float(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=stop_group)
+        return bool(t.item())
+
+    # 9. loop
+    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
+    model.train()
+    while epoch < args.epochs:
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.skip_batches = batch_in_epoch
+        bar = tqdm(total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}", disable=not is_main,
+                   dynamic_ncols=True, leave=False)
+        loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.bool)
+        n_logged, t_log, mean_loss = 0, time.time(), float("nan")
+        for imgs, noise in loader:
+            if batch_in_epoch >= steps_per_epoch:
+                break
+            if batch_in_epoch % args.accum_iter == 0:
+                lr = cosine_lr(epoch + batch_in_epoch / steps_per_epoch, args.lr, args.min_lr,
+                               args.warmup_epochs, args.epochs)
+                set_lr(optimizer, lr)
+            imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
+            last_micro = (batch_in_epoch + 1) % args.accum_iter == 0
+            # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs
+            with (model.no_sync() if distributed and not last_micro else nullcontext()), autocast:
+                loss, _, _ = model(imgs, args.mask_ratio, noise)
+            scaler.scale(loss / args.accum_iter).backward()
+            loss = loss.detach().float()
+            nonfinite |= ~torch.isfinite(loss)                           # checked at log time: no sync per step
+            loss_sum += loss
+            batch_in_epoch += 1
+            bar.update()
+            if not last_micro:
+                continue
+            if args.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            n_logged += args.accum_iter
+            step = batch_in_epoch // args.accum_iter
+            if step % args.log_every == 0 or batch_in_epoch == steps_per_epoch or stop["signal"] is not None:
+                stats = torch.stack([loss_sum / n_logged, nonfinite.float()])
+                if distributed:
+                    dist.all_reduce(stats)
+                mean_loss, bad = stats[0].item() / world_size, stats[1].item() > 0
+                if bad or not math.isfinite(mean_loss):
+                    sys.exit(f"error: loss is {mean_loss} at epoch {epoch} step {step}; stopping without saving. "
+                             f"The last good checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
+                ips = n_logged * args.batch_size * world_size / (time.time() - t_log)
+                record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "img_per_s": round(ips, 1)}
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                if is_main:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                loss_sum.zero_(), nonfinite.zero_()
+                n_logged, t_log = 0, time.time()
+            if agreed(stop["signal"] is not None):
+                checkpoint(epoch, batch_in_epoch)
+                log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
+                bar.close()
+                if distributed:
+                    dist.destroy_process_group()
+                return
+        bar.close()
+        epoch, batch_in_epoch = epoch + 1, 0
+        checkpoint(epoch, 0)
+        if is_main:
+            if epoch % args.save_every == 0 or epoch == args.epochs:
+                save_checkpoint(torch.load(path_last, weights_only=True),
+                                os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth"))
+            save_reconstruction(model_without_ddp, demo_imgs, demo_noise, args.mask_ratio,
+                                os.path.join(args.output_dir, f"recon-epoch{epoch:03d}.png"))
+            log(f"epoch {epoch}/{args.epochs} | loss {mean_loss:.4f} | {args.output_dir}")
+
+    # 10. teardown
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(get_args())
