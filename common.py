@@ -10,6 +10,7 @@ batches an uninterrupted one would.
 """
 import math
 import os
+import signal
 import warnings
 
 import numpy as np
@@ -206,7 +207,14 @@ def pretrain_loader(images, size, batch_size, mask_units, seed=0, rank=0, world_
         raise ValueError(f"--batch_size {batch_size}: larger than the {len(sampler)} images each of "
                          f"{world_size} process(es) gets; lower it or add images")
     return DataLoader(samples, batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_sigterm,
+                      generator=torch.Generator().manual_seed(seed))  # its own stream: the caller's is untouched
+
+
+def _ignore_sigterm(worker_id):
+    """A scheduler's SIGTERM often reaches the whole process group: workers leave the
+    graceful stop to the trainer, which saves and exits (the workers then end with it)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # --- patches (MAE §3: the target is the pixels of each patch) ---

@@ -263,6 +263,7 @@ def get_args(argv=None):
     p.add_argument("--model", default="mae_vit_base_patch16", help=f"one of: {', '.join(MODELS)}")
     p.add_argument("--data", default=None, help="image folder (DIR/train/<class>/*, DIR/<class>/* or flat); "
                                                 "none: the built-in data set")
+    p.add_argument("--builtin_images", type=int, default=4096, help="size of the built-in data set (no --data)")
     p.add_argument("--input_size", type=int, default=None, help="image size; default: the model's (224, tiny: 32)")
     p.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches hidden (§4: 75 %%)")
     p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
@@ -295,7 +296,7 @@ def check_args(args):
     """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts."""
     if args.model not in MODELS:
         sys.exit(f"error: --model {args.model} is unknown; choose one of: {', '.join(MODELS)}")
-    for flag in ("epochs", "batch_size", "accum_iter", "save_every", "log_every"):
+    for flag in ("epochs", "batch_size", "accum_iter", "save_every", "log_every", "builtin_images"):
         if getattr(args, flag) <= 0:
             sys.exit(f"error: --{flag} must be a positive integer, got {getattr(args, flag)}")
     if args.warmup_epochs < 0 or args.num_workers < 0:
@@ -381,7 +382,7 @@ def main(args):
             sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
     L = (args.input_size // MODELS[args.model].keywords["patch_size"]) ** 2
     try:
-        images = load_images(args.data, "train", args.input_size)
+        images = load_images(args.data, "train", args.input_size, args.builtin_images)
         loader = pretrain_loader(images, args.input_size, args.batch_size, L, args.seed, rank, world_size,
                                  args.num_workers)
     except ValueError as e:

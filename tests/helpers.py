@@ -1,0 +1,93 @@
+"""Test helpers shared by every method's tests: run a training script, make image folders."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def train_cmd(script, *args, torchrun=0):
+    """The command line of a training run: `python script args` or `torchrun --nproc_per_node=N ...`."""
+    launcher = [sys.executable]
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
+    return launcher + [os.path.join(ROOT, script)] + [str(a) for a in args]
+
+
+def run(script, *args, torchrun=0, timeout=600):
+    """Run to completion; returns CompletedProcess with text stdout/stderr."""
+    return subprocess.run(train_cmd(script, *args, torchrun=torchrun), capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=_env())
+
+
+def start(script, *args):
+    """Start in the background (for kill/SIGTERM tests); stdout/stderr go to pipes."""
+    return subprocess.Popen(train_cmd(script, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=_env())
+
+
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    return env
+
+
+def wait_for(predicate, proc, timeout=300):
+    """Poll until predicate() is true; fails if the process ends first."""
+    t0 = time.time()
+    while not predicate():
+        assert proc.poll() is None, f"run ended before the condition held:\n{proc.communicate()[1][-2000:]}"
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def log_lines(output_dir):
+    path = os.path.join(output_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    import json
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def kill(proc, sig=signal.SIGKILL):
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol == 0.0:
+            assert torch.equal(a[k], b[k]), f"{k} differs: max {(a[k] - b[k]).abs().max().item():.3g}"
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+def write_images(folder, n, size=32, seed=0, fmt="png"):
+    """n random RGB images in `folder`; returns their paths."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        path = os.path.join(folder, f"img{i:03d}.{fmt}")
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def last_line(text):
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
