@@ -385,13 +385,13 @@ def main(args):
         images = load_images(args.data, "train", args.input_size, args.builtin_images)
         loader = pretrain_loader(images, args.input_size, args.batch_size, L, args.seed, rank, world_size,
                                  args.num_workers)
+        demo = [loader.dataset[(0, i)] for i in range(min(8, len(images)))]   # fixed batch for pictures
     except ValueError as e:
         sys.exit(f"error: {e}")
+    demo_imgs, demo_noise = (torch.stack(t).to(device) for t in zip(*demo))
     steps_per_epoch = len(loader) // args.accum_iter * args.accum_iter   # whole optimizer steps only
     if steps_per_epoch == 0:
         sys.exit(f"error: --accum_iter {args.accum_iter} exceeds the {len(loader)} batches per epoch; lower it")
-    demo = [loader.dataset[(0, i)] for i in range(min(8, len(images)))]
-    demo_imgs, demo_noise = (torch.stack(t).to(device) for t in zip(*demo))
 
     # 4. model: build, optionally compile, then wrap in DDP
     model = MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss).to(device)
@@ -508,6 +508,7 @@ def main(args):
                     dist.all_reduce(stats)
                 mean_loss, bad = stats[0].item() / world_size, stats[1].item() > 0
                 if bad or not math.isfinite(mean_loss):
+                    bar.close()
                     sys.exit(f"error: loss is {mean_loss} at epoch {epoch} step {step}; stopping without saving. "
                              f"The last good checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
                 ips = n_logged * args.batch_size * world_size / (time.time() - t_log)

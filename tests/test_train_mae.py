@@ -1,0 +1,173 @@
+"""mae.py's training loop, run as a user runs it: outputs, DDP, resume, SIGTERM, NaN, bad input."""
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers import assert_same_weights, kill, last_line, log_lines, run, start, wait_for, weights, write_images
+
+SCRIPT = "mae.py"
+TINY = ["--model", "mae_vit_tiny", "--num_workers", "0", "--warmup_epochs", "1"]
+
+
+def test_two_epochs_on_builtin_data_write_checkpoint_log_and_a_useful_picture(tmp_path):
+    out = tmp_path / "run"
+    r = run(SCRIPT, *TINY, "--epochs", 2, "--builtin_images", 512, "--batch_size", 16, "--lr", "2e-3",
+            "--no-norm_pix_loss", "--log_every", 8, "--output_dir", out)   # pixel targets: no per-patch help
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["args"]["model"] == "mae_vit_tiny" and "optimizer" in ckpt
+    assert (out / "checkpoint-0002.pth").exists()                                 # the end is always kept
+    log = log_lines(out)
+    assert [(e["epoch"], e["step"]) for e in log] == [(0, 8), (0, 16), (0, 24), (0, 32), (1, 8), (1, 16), (1, 24), (1, 32)]
+    assert all(np.isfinite(e["loss"]) and e["img_per_s"] > 0 for e in log)
+    assert log[-1]["loss"] < log[0]["loss"]
+    grid = np.asarray(Image.open(out / "recon-epoch002.png"), np.float32) / 255    # 8 rows x 4 columns, pad 1
+    cell = lambda r, c: grid[1 + 33 * r: 33 + 33 * r, 1 + 33 * c: 33 + 33 * c]
+    err = lambda c: np.mean([((cell(r, c) - cell(r, 0)) ** 2).mean() for r in range(8)])
+    assert grid.shape == (8 * 33 + 1, 4 * 33 + 1, 3)
+    assert err(3) < 0.8 * err(1), (err(3), err(1))                                  # recon beats grey patches
+
+
+def without_key_bias(state):
+    """Drop the key third of every qkv bias. Softmax ignores a constant added to all keys, so its true
+    gradient is 0 and what backward returns is rounding noise; Adam divides that noise by its own
+    magnitude and moves these entries by ~lr per step in a direction no two runs share."""
+    out = dict(state)
+    for k, v in state.items():
+        if k.endswith("attn.qkv.bias"):
+            d = v.shape[0] // 3
+            out[k] = torch.cat([v[:d], v[2 * d:]])
+    return out
+
+
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    common = [*TINY, "--epochs", 1, "--builtin_images", 32, "--lr", "1e-3", "--log_every", 1]
+    one = run(SCRIPT, *common, "--batch_size", 8, "--output_dir", tmp_path / "one")
+    two = run(SCRIPT, *common, "--batch_size", 4, "--output_dir", tmp_path / "two", torchrun=2)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    assert "eff. batch 8 = 4 x 1 x 2" in two.stdout
+    # same samples, crops and masks; only float summation order differs (threads, all-reduce)
+    assert_same_weights(without_key_bias(weights(tmp_path / "one" / "checkpoint-last.pth")),
+                        without_key_bias(weights(tmp_path / "two" / "checkpoint-last.pth")), atol=1e-5)
+    l1, l2 = log_lines(tmp_path / "one"), log_lines(tmp_path / "two")
+    assert len(l1) == len(l2) == 4
+    assert [e["loss"] for e in l1] == pytest.approx([e["loss"] for e in l2], rel=1e-4)
+
+
+def test_gradient_accumulation_equals_the_big_batch(tmp_path):
+    common = [*TINY, "--epochs", 1, "--builtin_images", 32, "--lr", "1e-3"]
+    big = run(SCRIPT, *common, "--batch_size", 8, "--output_dir", tmp_path / "big")
+    acc = run(SCRIPT, *common, "--batch_size", 4, "--accum_iter", 2, "--output_dir", tmp_path / "acc")
+    assert big.returncode == 0 and acc.returncode == 0, acc.stderr[-2000:]
+    assert_same_weights(without_key_bias(weights(tmp_path / "big" / "checkpoint-last.pth")),
+                        without_key_bias(weights(tmp_path / "acc" / "checkpoint-last.pth")), atol=1e-5)
+
+
+# --- a run loses nothing ---
+
+LONG = [*TINY, "--epochs", 3, "--builtin_images", 256, "--batch_size", 8, "--lr", "1e-3", "--log_every", 1]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    r = run(SCRIPT, *LONG, "--output_dir", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return weights(out / "checkpoint-last.pth")
+
+
+def test_sigkill_mid_epoch_then_resume_auto_is_bit_identical(tmp_path, uninterrupted):
+    proc = start(SCRIPT, *LONG, "--output_dir", tmp_path)
+    wait_for(lambda: any(e["epoch"] == 1 and e["step"] >= 5 for e in log_lines(tmp_path)), proc)
+    code, _ = kill(proc, signal.SIGKILL)
+    assert code == -signal.SIGKILL                                                  # it was still running
+    assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["epoch"] == 1
+    r = run(SCRIPT, *LONG, "--output_dir", tmp_path, "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout
+    assert_same_weights(weights(tmp_path / "checkpoint-last.pth"), uninterrupted)
+
+
+def test_sigterm_saves_mid_epoch_exits_0_and_resumes_bit_identical(tmp_path, uninterrupted):
+    proc = start(SCRIPT, *LONG, "--output_dir", tmp_path)
+    wait_for(lambda: any(e["epoch"] == 1 and e["step"] >= 3 for e in log_lines(tmp_path)), proc)
+    code, err = kill(proc, signal.SIGTERM)
+    assert code == 0, err[-2000:]
+    ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    assert ckpt["epoch"] == 1 and 0 < ckpt["batch_in_epoch"] < 32                   # saved mid-epoch
+    r = run(SCRIPT, *LONG, "--output_dir", tmp_path, "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_same_weights(weights(tmp_path / "checkpoint-last.pth"), uninterrupted)
+
+
+def test_nan_loss_stops_and_leaves_the_last_checkpoint_untouched(tmp_path):
+    args = [*TINY, "--builtin_images", 64, "--batch_size", 8, "--log_every", 1, "--output_dir", tmp_path]
+    assert run(SCRIPT, *args, "--epochs", 1).returncode == 0
+    before = (tmp_path / "checkpoint-last.pth").read_bytes()
+    r = run(SCRIPT, *args, "--epochs", 2, "--resume", "auto", "--lr", "1e30", "--warmup_epochs", 0)
+    assert r.returncode != 0
+    assert last_line(r.stderr).startswith("error: loss is") and "Traceback" not in r.stderr
+    assert (tmp_path / "checkpoint-last.pth").read_bytes() == before
+    torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)                # still loadable
+
+
+# --- bad input: a clear one-line error naming the culprit, never a traceback ---
+
+def _bad_input_cases(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    for i in range(6):
+        (tmp_path / "broken" / f"bad{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (tmp_path / "a_file").write_text("x")
+    torch.save({"model": {}, "args": {"model": "mae_vit_base_patch16"}}, tmp_path / "base.pth")
+    (tmp_path / "garbage.pth").write_bytes(os.urandom(100))
+    return [  # (extra args, what the one line must name)
+        (["--data", tmp_path / "missing"], "missing"),
+        (["--data", tmp_path / "empty"], "no images"),
+        (["--data", tmp_path / "broken"], "could be read"),
+        (["--model", "mae_vit_gigantic"], "mae_vit_tiny"),
+        (["--batch_size", 0], "--batch_size"),
+        (["--batch_size", -4], "--batch_size"),
+        (["--epochs", 0], "--epochs"),
+        (["--accum_iter", 0], "--accum_iter"),
+        (["--input_size", 30], "--input_size 30"),
+        (["--mask_ratio", 1.0], "--mask_ratio"),
+        (["--mask_ratio", 0], "--mask_ratio"),
+        (["--resume", tmp_path / "nothing.pth"], "nothing.pth"),
+        (["--resume", tmp_path / "base.pth"], "mae_vit_base_patch16"),
+        (["--resume", tmp_path / "garbage.pth"], "garbage.pth"),
+        (["--output_dir", tmp_path / "a_file" / "out"], "--output_dir"),
+        (["--batch_size", 4096], "--batch_size 4096"),
+    ]
+
+
+def test_bad_input_gives_one_line_naming_the_culprit(tmp_path):
+    failures = []
+    for extra, culprit in _bad_input_cases(tmp_path):
+        r = run(SCRIPT, *TINY, "--builtin_images", 16, "--batch_size", 4, "--epochs", 1,
+                "--output_dir", tmp_path / "out", *extra)
+        line = last_line(r.stderr)
+        if r.returncode == 0 or "Traceback" in r.stderr or not line.startswith("error:") or culprit not in line:
+            failures.append(f"{extra}: exit {r.returncode}: {r.stderr[-600:]}")
+    assert not failures, "\n".join(failures)
+
+
+def test_unreadable_and_odd_images_are_handled_in_a_real_run(tmp_path):
+    data = tmp_path / "data"
+    write_images(data, 14)
+    (data / "corrupt.jpg").write_bytes(b"\xff\xd8 broken")
+    good = (data / "img000.png").read_bytes()
+    (data / "truncated.png").write_bytes(good[: len(good) // 2])
+    rgb = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb[..., 0]).save(data / "grey.png")
+    Image.fromarray(rgb).convert("CMYK").save(data / "cmyk.jpg")
+    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(data / "rgba.png")
+    r = run(SCRIPT, *TINY, "--data", data, "--batch_size", 4, "--epochs", 1, "--output_dir", tmp_path / "out")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "corrupt.jpg" in r.stderr and "truncated.png" in r.stderr and "Traceback" not in r.stderr
+    for name in ("grey.png", "cmyk.jpg", "rgba.png"):
+        assert name not in r.stderr                                                 # read, not skipped
