@@ -255,6 +255,28 @@ MODELS = {
                             decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
 }
 
+
+
+def load_pretrained(model, checkpoint):
+    """Load an official (or our) MAE pre-training checkpoint, a path or a state_dict.
+
+    A full pre-training state_dict (mae_visualize_vit_large.pth, our checkpoints) loads strictly.
+    The official mae_pretrain_vit_*.pth hold the encoder only: every encoder key must match,
+    and the names of the absent decoder keys are returned (they keep their fresh init).
+    """
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True) if isinstance(checkpoint, str) else checkpoint
+    state = state.get("model", state)
+    ours = model.state_dict()
+    unexpected = sorted(set(state) - set(ours))
+    missing = sorted(set(ours) - set(state))
+    encoder_missing = [k for k in missing if not k.startswith(("decoder_", "mask_token"))]
+    if unexpected or encoder_missing:
+        raise ValueError(f"checkpoint does not fit {type(model).__name__}: unexpected {unexpected[:5]}, "
+                         f"missing {encoder_missing[:5]} (a fine-tuned classifier? use finetune.py)")
+    model.load_state_dict(state, strict=not missing)
+    return missing
+
+
 # --- arguments (defaults: the paper's ViT-B recipe, PRETRAIN.md) ---
 
 
@@ -282,7 +304,7 @@ def get_args(argv=None):
     p.add_argument("--output_dir", default=None, help="default: output/<model>")
     p.add_argument("--resume", default="", help="checkpoint path, or 'auto' for output_dir/checkpoint-last.pth if present")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_workers", type=int, default=8)
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data workers per process")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--save_every", type=int, default=20, help="keep a copy of the checkpoint every N epochs")
@@ -471,7 +493,7 @@ def main(args):
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip_batches = batch_in_epoch
         bar = tqdm(total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}", disable=not is_main,
-                   dynamic_ncols=True, leave=False)
+                   dynamic_ncols=True, leave=False, mininterval=0.1 if sys.stderr.isatty() else 30)  # quiet batch logs
         loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.bool)
         n_logged, t_log, mean_loss = 0, time.time(), float("nan")
         for imgs, noise in loader:

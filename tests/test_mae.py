@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from common import patchify, unpatchify
-from mae import MODELS, MaskedAutoencoderViT, random_masking
+from mae import MODELS, MaskedAutoencoderViT, load_pretrained, random_masking
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "mae_tiny.pt")
 
@@ -177,3 +177,26 @@ def test_loss_falls_on_a_fixed_batch():
         optimizer.step()
         optimizer.zero_grad()
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_load_pretrained_full_and_encoder_only_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    source = MODELS["mae_vit_tiny"]()
+    full = {k: v + 1 for k, v in source.state_dict().items()}
+    model = MODELS["mae_vit_tiny"]()
+    torch.save({"model": full}, tmp_path / "full.pth")
+    assert load_pretrained(model, str(tmp_path / "full.pth")) == []
+    assert torch.equal(model.decoder_pred.weight, full["decoder_pred.weight"])
+    # the official mae_pretrain_vit_*.pth layout: encoder only, under "model"
+    encoder = {k: v for k, v in full.items() if not k.startswith(("decoder_", "mask_token"))}
+    model = MODELS["mae_vit_tiny"]()
+    fresh_decoder = model.decoder_pred.weight.clone()
+    missing = load_pretrained(model, {"model": encoder})
+    assert "mask_token" in missing and "decoder_pred.weight" in missing and len(missing) == len(full) - len(encoder)
+    assert torch.equal(model.blocks[3].mlp.fc2.weight, full["blocks.3.mlp.fc2.weight"])
+    assert torch.equal(model.decoder_pred.weight, fresh_decoder)
+    # a fine-tuned classifier (fc_norm, head, no norm) is refused by name
+    classifier = {**{k: v for k, v in encoder.items() if not k.startswith("norm.")},
+                  "fc_norm.weight": torch.ones(192), "head.weight": torch.zeros(10, 192)}
+    with pytest.raises(ValueError, match="fc_norm.weight"):
+        load_pretrained(MODELS["mae_vit_tiny"](), classifier)
