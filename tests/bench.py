@@ -1,0 +1,337 @@
+"""Benchmark one MAE pre-training step per model: forward + backward + AdamW step.
+
+Each step runs as mae.py's training loop runs it: the model's loss on a fixed random batch
+with fixed masking noise (so masking is timed but identical across runs), loss.backward(),
+then a fused AdamW step (lr 1e-4, betas (0.9, 0.95), weight decay 0.05) over the trainable
+parameters. The script also counts the step's FLOPs and measures the machine's large-matmul
+rate, to show how close the step gets to what the hardware does at best.
+
+    python tests/bench.py                                   # mae_vit_tiny and mae_vit_base_patch16
+    python tests/bench.py --models mae_vit_tiny --device cpu --steps 5
+    python tests/bench.py --amp fp16 --compile --channels_last --batch 64
+    python tests/bench.py --official path/to/mae            # side by side with facebookresearch/mae
+
+--official PATH benchmarks the official model (a facebookresearch/mae checkout) next to ours:
+same architecture, norm_pix_loss=True for both, same batch, amp and --channels_last, run as its
+main_pretrain.py runs it: eager (it has no compile option; --compile compiles only ours) and
+stepped with the default torch AdamW (the foreach implementation). It needs timm==0.3.2 importable; tests/official.py patches that old timm and
+numpy for current torch. The official forward draws its own masking noise. Timing rounds
+alternate ours / official so that machine noise hits both alike.
+
+Steps: --warmup untimed steps per model, then --rounds rounds of --steps timed steps, each
+step timed on its own (with torch.cuda.synchronize on CUDA); the table shows the median.
+
+Columns:
+  step ms (median)   median wall time of one step
+  img/s              batch / median step time
+  peak mem (MB)      cuda: torch.cuda.max_memory_allocated() over the timed steps, less the
+                     tensors the other model (--official) keeps on the GPU; cpu: the process's
+                     peak resident set (VmHWM, reset before each round), which includes the
+                     Python/torch runtime and, with --official, both models
+  GFLOP per step     torch.utils.flop_counter.FlopCounterMode over one forward + backward
+                     (matmuls, convolutions, attention; elementwise work and the optimizer
+                     step are not counted)
+  achieved GFLOP/s   GFLOP per step / median step time
+  % of matmul peak   achieved / the best rate of large square matmuls (the "matmul peak"
+                     line above the table): fp32 on CPU, the amp dtype on CUDA
+  vs official        official step ms / our step ms: above 1 means ours is faster
+"""
+import argparse
+import gc
+import inspect
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(TESTS))                              # the repo root: mae.py
+from mae import MODELS, MaskedAutoencoderViT  # noqa: E402
+
+MASK_RATIO = 0.75
+AMP_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="MAE training-step benchmark",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["mae_vit_tiny", "mae_vit_base_patch16"], choices=list(MODELS))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", choices=list(AMP_DTYPES), default=None, help="default: none on cpu, bf16 on cuda")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model (compiled during warmup)")
+    p.add_argument("--channels_last", action="store_true", help="channels-last images and conv weight")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="timing rounds (alternating with --official)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model before timing")
+    p.add_argument("--official", metavar="PATH", help="facebookresearch/mae checkout to compare with")
+    args = p.parse_args(argv)
+    args.amp = args.amp or ("bf16" if args.device == "cuda" else "none")
+    return args
+
+
+# --- measuring: time, memory, FLOPs, the matmul peak ---
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device, dtype, repeats=5):
+    """Best rate, in GFLOP/s, of one n x n @ n x n matmul over a few repeats; and n."""
+    n = 8192 if device.type == "cuda" else 2048                       # big enough to be compute-bound
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    torch.matmul(a, b)                                                  # library init, kernel choice
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9, n
+
+
+def _sdpa_flops(q, k, v, *args, out_shape=None, **kwargs):             # shapes [N, heads, T, d]
+    return 2 * q[0] * q[1] * q[2] * k[2] * (q[3] + v[3])               # q k^T, then p v
+
+
+def _sdpa_backward_flops(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+    return 2 * _sdpa_flops(q, k, v)                                     # dv, dp, dq, dk: 4 matmuls
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU one that
+# F.scaled_dot_product_attention runs on CPU; without these our attention would count
+# 0 FLOPs there, while the official model's explicit q @ k^T matmuls do count.
+CPU_SDPA_FLOPS = {getattr(torch.ops.aten, name): fn for name, fn in [
+    ("_scaled_dot_product_flash_attention_for_cpu", _sdpa_flops),
+    ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_backward_flops),
+] if hasattr(torch.ops.aten, name)}
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:                  # Linux: VmHWM := current RSS
+            f.write("5")
+    except OSError:
+        pass                                                            # elsewhere: lifetime peak
+
+
+def process_peak_rss_mb():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024                  # kB
+    except OSError:
+        pass
+    import resource                                                     # not on Windows
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 1024   # bytes on macOS, KiB on Linux
+
+
+# --- what is benchmarked: a model, how to call it, its optimizer ---
+
+
+@dataclass
+class Contender:
+    label: str
+    model: nn.Module                            # the one stepped: compiled with --compile
+    loss: Callable                              # (model, imgs, noise) -> loss
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    gflop: float = 0.0
+    times_ms: list = field(default_factory=list)
+    peak_mb: float = 0.0
+
+    def resident_bytes(self):
+        """GPU bytes it keeps between steps: weights, buffers, grads, optimizer state."""
+        params = list(self.model.parameters())
+        tensors = params + list(self.model.buffers()) + [p.grad for p in params if p.grad is not None]
+        tensors += [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        return sum(t.numel() * t.element_size() for t in tensors if t.is_cuda)
+
+
+def make_contender(label, model, loss, args, device, **optimizer_kwargs):
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)            # only the patch conv is 4-D
+    params = [p for p in model.parameters() if p.requires_grad]        # not the fixed pos embeds
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, **optimizer_kwargs)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")  # bf16 needs no scaling
+    return Contender(label, model, loss, optimizer, scaler)
+
+
+def arch(name):
+    """MODELS[name]'s keyword arguments with our class's defaults filled in."""
+    defaults = {k: p.default for k, p in inspect.signature(MaskedAutoencoderViT).parameters.items()}
+    return {**defaults, **MODELS[name].keywords}
+
+
+def ours(name, args, device):
+    torch.manual_seed(0)
+    model = MODELS[name](norm_pix_loss=True)
+    fused = device.type in ("cpu", "cuda")                              # as mae.py's training loop
+    return make_contender(name, model, lambda m, imgs, noise: m(imgs, MASK_RATIO, noise)[0],
+                          args, device, fused=fused)
+
+
+def official(name, args, device):
+    """The official model with our architecture: where MODELS[name] leaves an argument to
+    the class default, our class's default is passed, so the two cannot drift apart."""
+    if TESTS not in sys.path:
+        sys.path.insert(0, TESTS)
+    from official import import_official                                # tests/official.py
+    cls = import_official(args.official, "models_mae").MaskedAutoencoderViT
+    theirs = inspect.signature(cls).parameters
+    kwargs = {k: v for k, v in arch(name).items() if k in theirs}     # not our drop_path_rate
+    kwargs.update(norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=True)
+    torch.manual_seed(0)
+    return make_contender(f"{name} (official)", cls(**kwargs),
+                          lambda m, imgs, noise: m(imgs, MASK_RATIO)[0], args, device)
+
+
+# --- running ---
+
+
+def train_step(c, imgs, noise, autocast):
+    c.optimizer.zero_grad(set_to_none=True)
+    with autocast():
+        loss = c.loss(c.model, imgs, noise)
+    c.scaler.scale(loss).backward()
+    c.scaler.step(c.optimizer)
+    c.scaler.update()
+
+
+def count_gflop(c, imgs, noise, autocast):
+    """FLOPs of one forward + backward, on the eager model (before any torch.compile)."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
+        with autocast():
+            loss = c.loss(c.model, imgs, noise)
+        loss.backward()
+    c.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 1e9
+
+
+def timed_round(c, others, imgs, noise, autocast, args, device):
+    reset_peak_memory(device)
+    for _ in range(args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        train_step(c, imgs, noise, autocast)
+        sync(device)
+        c.times_ms.append((time.perf_counter() - t0) * 1e3)
+    if device.type == "cuda":                                           # the other model is not ours
+        peak = torch.cuda.max_memory_allocated(device) - sum(o.resident_bytes() for o in others)
+        c.peak_mb = max(c.peak_mb, peak / 2 ** 20)
+    else:
+        c.peak_mb = max(c.peak_mb, process_peak_rss_mb())
+
+
+def bench_model(name, args, device, autocast):
+    """Our model (and the official one) on one fixed batch: FLOPs, warmup, interleaved rounds."""
+    img_size, patch = arch(name)["img_size"], arch(name)["patch_size"]
+    torch.manual_seed(0)
+    imgs = torch.randn(args.batch, 3, img_size, img_size, device=device)
+    if args.channels_last:
+        imgs = imgs.contiguous(memory_format=torch.channels_last)
+    noise = torch.rand(args.batch, (img_size // patch) ** 2, device=device)
+    contenders = [ours(name, args, device)] + ([official(name, args, device)] if args.official else [])
+    for c in contenders:
+        c.gflop = count_gflop(c, imgs, noise, autocast)
+        if args.compile and c is contenders[0]:                        # the official code runs eager
+            c.model = torch.compile(c.model)
+        for _ in range(args.warmup):
+            train_step(c, imgs, noise, autocast)
+    for _ in range(args.rounds):
+        for c in contenders:
+            timed_round(c, [o for o in contenders if o is not c], imgs, noise, autocast, args, device)
+    return contenders, img_size
+
+
+# --- reporting ---
+
+
+def fmt(x):
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def hardware_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return names[0] if names else "CPU"
+    except OSError:
+        return "CPU"
+
+
+def print_header(args, device, peak_dtype, peak, n):
+    print(f"MAE training step (forward + backward + AdamW) | {hardware_name(device)} | "
+          f"threads={torch.get_num_threads()} | torch {torch.__version__} | amp {args.amp} | "
+          f"compile {args.compile} | channels_last {args.channels_last} | "
+          f"{args.warmup} warmup + {args.rounds} x {args.steps} timed steps")
+    threads = torch.get_num_threads()
+    print(f"matmul peak: {peak:.0f} GFLOP/s ({DTYPE_NAMES[peak_dtype]}, n={n}, threads={threads})\n")
+    mem = "peak mem (MB)¹" if device.type == "cuda" else "peak mem (MB, process peak RSS)¹"
+    cols = ["model", "device", "dtype", "batch", "img px", "step ms (median)", "img/s", mem,
+            "GFLOP per step", "achieved GFLOP/s", "% of matmul peak"] + (["vs official"] if args.official else [])
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+
+
+def print_rows(contenders, img_size, args, device, dtype, peak):
+    ms = [statistics.median(c.times_ms) for c in contenders]
+    for i, c in enumerate(contenders):
+        achieved = c.gflop / (ms[i] / 1e3)
+        row = [c.label, device.type, DTYPE_NAMES[dtype] + (" amp" if args.amp != "none" else ""), args.batch,
+               img_size, fmt(ms[i]), fmt(args.batch / ms[i] * 1e3), fmt(c.peak_mb), fmt(c.gflop), fmt(achieved),
+               f"{100 * achieved / peak:.1f}"]
+        if args.official:
+            row.append(f"{ms[1] / ms[0]:.2f}x" if i == 0 else "")
+        print("| " + " | ".join(map(str, row)) + " |", flush=True)
+
+
+def print_footnote(args, device):
+    if device.type == "cuda":
+        note = "torch.cuda.max_memory_allocated() over the timed steps (less the other model's tensors)"
+    else:
+        note = ("the process's peak resident set (VmHWM) over the timed steps: includes the Python/torch "
+                "runtime" + (" and both models" if args.official else ""))
+    print(f"\n¹ {note}. GFLOP: FlopCounterMode over forward + backward (matmul, conv, attention).")
+
+
+def main(args):
+    device = torch.device(args.device)
+    dtype = AMP_DTYPES[args.amp]
+    autocast = partial(torch.autocast, device.type, dtype=dtype) if args.amp != "none" else nullcontext
+    # CPU: fp32, since a CPU's fp16 matmul can be a slow fallback and no useful reference
+    peak_dtype = dtype if device.type == "cuda" else torch.float32
+    peak, n = matmul_peak(device, peak_dtype)
+    print_header(args, device, peak_dtype, peak, n)
+    for name in args.models:
+        contenders, img_size = bench_model(name, args, device, autocast)
+        print_rows(contenders, img_size, args, device, dtype, peak)
+        del contenders                                                  # free before the next model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print_footnote(args, device)
+
+
+if __name__ == "__main__":
+    main(get_args())
