@@ -81,10 +81,13 @@ class BuiltinShapes(Dataset):
 
 
 def _to_rgb(img):
-    """Any PIL mode to RGB; 16- and 32-bit grey is rescaled, not clipped to white."""
+    """Any PIL mode to RGB; 16-bit and float grey is rescaled, not clipped to white."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         a = np.asarray(img, dtype=np.float64)
-        a = a / 257 if a.max() > 255 else a                      # 16-bit range -> 8-bit
+        if img.mode.startswith("I;16") or a.max() > 255:         # 16-bit range (PNG opens as I or I;16)
+            a = a / 257
+        elif img.mode == "F" and a.max() <= 1:                   # float in [0, 1]
+            a = a * 255
         img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
     elif img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")                                # PIL wants this order
@@ -171,7 +174,7 @@ class SeededSamples(Dataset):
         seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1, np.uint64)[0] >> 1)
         img, _ = self.images[i]
         with torch.random.fork_rng(devices=[]):                  # leave the caller's stream alone
-            torch.manual_seed(seed)                              # torchvision draws from it
+            torch.default_generator.manual_seed(seed)            # torchvision draws from it (not CUDA's)
             img = self.transform(img)
             noise = torch.rand(self.mask_units)
         return img, noise
@@ -189,7 +192,7 @@ class EpochSampler(DistributedSampler):
         return iter([(self.epoch, i) for i in indices])
 
     def __len__(self):
-        return self.num_samples - self.skip_batches * self.batch_size
+        return max(self.num_samples - self.skip_batches * self.batch_size, 0)
 
 
 def pretrain_loader(images, size, batch_size, mask_units, seed=0, rank=0, world_size=1, num_workers=4):

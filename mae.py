@@ -9,15 +9,17 @@ https://arxiv.org/abs/2111.06377. Official code: https://github.com/facebookrese
 This file rebuilds the official pre-training model with plain PyTorch: same state_dict,
 same numbers (tests/test_mae.py checks it against fixtures made by the official code).
 
-    python mae.py --model mae_vit_tiny --epochs 2                      # CPU demo, built-in data
-    torchrun --nproc_per_node=8 mae.py --data /imagenet --accum_iter 8 # paper recipe, 1 node
-    torchrun --nnodes=8 --nproc_per_node=8 --node_rank=$NODE_RANK \
-        --master_addr=$MASTER --master_port=29500 mae.py --data /imagenet   # 64 GPUs
+    python mae.py --model mae_vit_tiny --epochs 5 --warmup_epochs 1     # CPU demo, built-in data
+    torchrun --nproc_per_node=8 mae.py --data /imagenet --accum_iter 8  # paper recipe: 64 x 8 x 8 = 4096
+    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \
+        --master_port=29500 mae.py --data /imagenet --accum_iter 4      # 2 nodes, run on each
 """
 import argparse
+import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -142,7 +144,8 @@ class MaskedAutoencoderViT(nn.Module):
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
                  norm_pix_loss=False, drop_path_rate=0.0):
         super().__init__()
-        assert img_size % patch_size == 0, f"img_size {img_size} is not a multiple of patch {patch_size}"
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.patch_size, self.grid = patch_size, img_size // patch_size
         self.norm_pix_loss = norm_pix_loss
         num_patches = self.grid ** 2
@@ -327,7 +330,7 @@ def check_args(args):
         sys.exit(f"error: --mask_ratio must be in (0, 1), got {args.mask_ratio}")
     defaults = MODELS[args.model].keywords
     patch = defaults["patch_size"]
-    args.input_size = args.input_size or defaults.get("img_size", 224)
+    args.input_size = defaults.get("img_size", 224) if args.input_size is None else args.input_size
     if args.input_size <= 0 or args.input_size % patch:
         sys.exit(f"error: --input_size {args.input_size} is not a positive multiple of {args.model}'s patch size "
                  f"{patch}; try {max(args.input_size // patch, 1) * patch}")
@@ -338,10 +341,44 @@ def check_args(args):
 
 
 def save_checkpoint(state, path):
-    """Atomic: a crash mid-write leaves the previous file intact."""
+    """Atomic and durable: a crash mid-write, even of the machine, leaves the previous file intact."""
     tmp = path + ".tmp"
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_training_state(path, model, optimizer, scaler, args, epoch, batch_in_epoch):
+    """Every rank calls this (each rank's RNG streams are gathered); rank 0 writes."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rngs = [rng]
+    if dist.is_initialized():
+        rngs = [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, rng)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                         "world_size": len(rngs), "args": vars(args), "rng": rngs}, path)
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: no weight decay on biases and norms (1-D) nor on tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:                                             # fixed pos embeds are not trained
+            (no_decay if p.ndim <= 1 or name.endswith("_token") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def any_rank(flag, group=None):
+    """True on every rank if `flag` is true on any: ranks must take the same branch around collectives."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
 
 
 def load_checkpoint(path, model_name):
@@ -390,7 +427,7 @@ def main(args):
     if amp != "none" and device.type == "cpu":
         log(f"warning: --amp {amp} on CPU is very slow here; --amp none is the CPU default")
 
-    # 2. seed: per rank, so that anything drawn outside the data pipeline differs between ranks
+    # 2. seed: per rank, for anything drawn outside the data pipeline (nothing, in MAE pre-training)
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
 
@@ -411,8 +448,8 @@ def main(args):
     except ValueError as e:
         sys.exit(f"error: {e}")
     demo_imgs, demo_noise = (torch.stack(t).to(device) for t in zip(*demo))
-    steps_per_epoch = len(loader) // args.accum_iter * args.accum_iter   # whole optimizer steps only
-    if steps_per_epoch == 0:
+    batches_per_epoch = len(loader) // args.accum_iter * args.accum_iter   # whole optimizer steps only
+    if batches_per_epoch == 0:
         sys.exit(f"error: --accum_iter {args.accum_iter} exceeds the {len(loader)} batches per epoch; lower it")
 
     # 4. model: build, optionally compile, then wrap in DDP
@@ -424,11 +461,7 @@ def main(args):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
     # 5. param groups: no weight decay on biases, norms (1-D) and tokens
-    decay, no_decay = [], []
-    for name, prm in model_without_ddp.named_parameters():
-        if prm.requires_grad:                                           # fixed pos embeds are not trained
-            (no_decay if prm.ndim <= 1 or name.endswith("_token") else decay).append(prm)
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = param_groups(model_without_ddp, args.weight_decay)
 
     # 6. optimizer: linear lr scaling rule (MAE §A.1: lr = blr x batch / 256), betas (0.9, 0.95)
     eff_batch = args.batch_size * args.accum_iter * world_size
@@ -439,9 +472,9 @@ def main(args):
                 if amp != "none" else nullcontext())
     log(f"{args.model} | {sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.1f} M params | "
         f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {world_size} | lr {args.lr:.3g} | "
-        f"{steps_per_epoch // args.accum_iter} steps/epoch | amp {amp} | {device}")
+        f"{batches_per_epoch // args.accum_iter} steps/epoch | amp {amp} | {device}")
 
-    # 7. schedule: lr set every optimizer step from the fractional epoch (common.cosine_lr)
+    # 7. schedule: the lr is set before every optimizer step from the fractional epoch (below)
     # 8. resume: model, optimizer, scaler, position in the run, RNG states
     epoch, batch_in_epoch = 0, 0
     path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
@@ -452,39 +485,27 @@ def main(args):
             model_without_ddp.load_state_dict(ckpt["model"])
         except RuntimeError as e:
             sys.exit(f"error: --resume {resume} does not fit {args.model} at --input_size {args.input_size} "
-                     f"({str(e).splitlines()[1].strip()})")
+                     f"({str(e).strip().splitlines()[-1].strip()})")
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"] and scaler.is_enabled():                      # empty unless saved by an fp16 run
+            scaler.load_state_dict(ckpt["scaler"])
         epoch, batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
-        if len(ckpt["rng"]) == world_size:                              # else a new world: fresh seeds
+        same_layout = (ckpt["world_size"], ckpt["args"]["batch_size"], ckpt["args"]["accum_iter"]) == \
+                      (world_size, args.batch_size, args.accum_iter)
+        if batch_in_epoch and not same_layout:                          # the position means other batches
+            log(f"warning: {resume} was saved mid-epoch by another processes x batch x accum layout; "
+                f"restarting epoch {epoch} from its start")
+            batch_in_epoch = 0
+        if ckpt["world_size"] == world_size:                            # else a new world: fresh seeds
             torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-            if device.type == "cuda":
+            if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
                 torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
         log(f"resumed from {resume} at epoch {epoch}, batch {batch_in_epoch}")
+    save_state = partial(save_training_state, path_last, model_without_ddp, optimizer, scaler, args)
 
     stop = {"signal": None}                                              # SIGTERM: save at the next step
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-
-    def checkpoint(epoch, batch_in_epoch):
-        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}
-        rngs = [rng]
-        if distributed:                                                  # every rank's streams, kept by rank 0
-            rngs = [None] * world_size
-            dist.all_gather_object(rngs, rng)
-        if is_main:
-            save_checkpoint({"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                             "args": vars(args), "rng": rngs}, path_last)
-
-    # ranks agree on stopping through a CPU (gloo) group: no GPU sync per step
-    stop_group = dist.new_group(backend="gloo") if distributed else None
-
-    def agreed(flag):                                                    # True on every rank if on any
-        if not distributed:
-            return flag
-        t = torch.tensor([float(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=stop_group)
-        return bool(t.item())
+    stop_group = dist.new_group(backend="gloo") if distributed else None  # agree on CPU: no GPU sync
 
     # 9. loop
     log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
@@ -492,15 +513,13 @@ def main(args):
     while epoch < args.epochs:
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip_batches = batch_in_epoch
-        bar = tqdm(total=steps_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}", disable=not is_main,
+        bar = tqdm(total=batches_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}", disable=not is_main,
                    dynamic_ncols=True, leave=False, mininterval=0.1 if sys.stderr.isatty() else 30)  # quiet batch logs
         loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.bool)
         n_logged, t_log, mean_loss = 0, time.time(), float("nan")
-        for imgs, noise in loader:
-            if batch_in_epoch >= steps_per_epoch:
-                break
+        for imgs, noise in itertools.islice(loader, batches_per_epoch - batch_in_epoch):
             if batch_in_epoch % args.accum_iter == 0:
-                lr = cosine_lr(epoch + batch_in_epoch / steps_per_epoch, args.lr, args.min_lr,
+                lr = cosine_lr(epoch + batch_in_epoch / batches_per_epoch, args.lr, args.min_lr,
                                args.warmup_epochs, args.epochs)
                 set_lr(optimizer, lr)
             imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
@@ -524,7 +543,8 @@ def main(args):
             optimizer.zero_grad(set_to_none=True)
             n_logged += args.accum_iter
             step = batch_in_epoch // args.accum_iter
-            if step % args.log_every == 0 or batch_in_epoch == steps_per_epoch or stop["signal"] is not None:
+            stopping = any_rank(stop["signal"] is not None, stop_group)
+            if step % args.log_every == 0 or batch_in_epoch == batches_per_epoch or stopping:
                 stats = torch.stack([loss_sum / n_logged, nonfinite.float()])
                 if distributed:
                     dist.all_reduce(stats)
@@ -541,20 +561,21 @@ def main(args):
                     log_file.flush()
                 loss_sum.zero_(), nonfinite.zero_()
                 n_logged, t_log = 0, time.time()
-            if agreed(stop["signal"] is not None):
-                checkpoint(epoch, batch_in_epoch)
-                log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
+            if stopping:
                 bar.close()
+                save_state(epoch, batch_in_epoch)
+                log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
                 if distributed:
                     dist.destroy_process_group()
                 return
         bar.close()
         epoch, batch_in_epoch = epoch + 1, 0
-        checkpoint(epoch, 0)
+        save_state(epoch, 0)
         if is_main:
-            if epoch % args.save_every == 0 or epoch == args.epochs:
-                save_checkpoint(torch.load(path_last, weights_only=True),
-                                os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth"))
+            if epoch % args.save_every == 0 or epoch == args.epochs:     # a kept copy, written atomically
+                copy = os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")
+                shutil.copyfile(path_last, copy + ".tmp")
+                os.replace(copy + ".tmp", copy)
             save_reconstruction(model_without_ddp, demo_imgs, demo_noise, args.mask_ratio,
                                 os.path.join(args.output_dir, f"recon-epoch{epoch:03d}.png"))
             log(f"epoch {epoch}/{args.epochs} | loss {mean_loss:.4f} | {args.output_dir}")

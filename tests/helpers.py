@@ -1,4 +1,5 @@
 """Test helpers shared by every method's tests: run a training script, make image folders."""
+import json
 import os
 import signal
 import subprocess
@@ -27,10 +28,10 @@ def run(script, *args, torchrun=0, timeout=600):
                           timeout=timeout, cwd=ROOT, env=_env())
 
 
-def start(script, *args):
+def start(script, *args, torchrun=0):
     """Start in the background (for kill/SIGTERM tests); stdout/stderr go to pipes."""
-    return subprocess.Popen(train_cmd(script, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env=_env())
+    return subprocess.Popen(train_cmd(script, *args, torchrun=torchrun), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
 
 
 def _env():
@@ -52,15 +53,15 @@ def log_lines(output_dir):
     path = os.path.join(output_dir, "log.jsonl")
     if not os.path.exists(path):
         return []
-    import json
     with open(path) as f:
         return [json.loads(line) for line in f if line.endswith("\n")]
 
 
 def kill(proc, sig=signal.SIGKILL):
+    """Send `sig`, wait for the end; returns (exit code, stdout, stderr)."""
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
-    return proc.returncode, err
+    return proc.returncode, out, err
 
 
 def weights(path):

@@ -150,8 +150,15 @@ def test_pred_to_pixels_inverts_norm_pix():
 
 
 def test_forward_features_sees_all_patches():
-    model = MODELS["mae_vit_tiny"]()
-    assert model.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 65, 192)
+    torch.manual_seed(0)
+    model = MODELS["mae_vit_tiny"]().eval()
+    imgs = torch.randn(2, 3, 32, 32)
+    out = model.forward_features(imgs)
+    assert out.shape == (2, 65, 192)
+    for r, c in [(0, 0), (3, 5), (7, 7)]:                                          # any patch reaches every token
+        changed = imgs.clone()
+        changed[:, :, 4 * r: 4 * r + 4, 4 * c: 4 * c + 4] += 1
+        assert (model.forward_features(changed) - out).abs().amax(dim=-1).min() > 0
     with pytest.raises(ValueError, match="32 px"):
         model.forward_features(torch.randn(2, 3, 48, 48))
 

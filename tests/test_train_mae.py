@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from common import cosine_lr
 from helpers import assert_same_weights, kill, last_line, log_lines, run, start, wait_for, weights, write_images
 
 SCRIPT = "mae.py"
@@ -23,6 +24,8 @@ def test_two_epochs_on_builtin_data_write_checkpoint_log_and_a_useful_picture(tm
     assert (out / "checkpoint-0002.pth").exists()                                 # the end is always kept
     log = log_lines(out)
     assert [(e["epoch"], e["step"]) for e in log] == [(0, 8), (0, 16), (0, 24), (0, 32), (1, 8), (1, 16), (1, 24), (1, 32)]
+    for e in log:                                     # the lr of the step logged, set per step (warmup 1, cosine)
+        assert e["lr"] == pytest.approx(cosine_lr(e["epoch"] + (e["step"] - 1) / 32, 2e-3, 0.0, 1, 2))
     assert all(np.isfinite(e["loss"]) and e["img_per_s"] > 0 for e in log)
     assert log[-1]["loss"] < log[0]["loss"]
     grid = np.asarray(Image.open(out / "recon-epoch002.png"), np.float32) / 255    # 8 rows x 4 columns, pad 1
@@ -44,12 +47,12 @@ def without_key_bias(state):
     return out
 
 
-def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
-    common = [*TINY, "--epochs", 1, "--builtin_images", 32, "--lr", "1e-3", "--log_every", 1]
-    one = run(SCRIPT, *common, "--batch_size", 8, "--output_dir", tmp_path / "one")
-    two = run(SCRIPT, *common, "--batch_size", 4, "--output_dir", tmp_path / "two", torchrun=2)
+def test_ddp_two_processes_with_accumulation_equal_one_process_with_the_same_global_batch(tmp_path):
+    common = [*TINY, "--epochs", 1, "--builtin_images", 64, "--lr", "1e-3", "--log_every", 1]
+    one = run(SCRIPT, *common, "--batch_size", 16, "--output_dir", tmp_path / "one")
+    two = run(SCRIPT, *common, "--batch_size", 4, "--accum_iter", 2, "--output_dir", tmp_path / "two", torchrun=2)
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
-    assert "eff. batch 8 = 4 x 1 x 2" in two.stdout
+    assert "eff. batch 16 = 4 x 2 x 2" in two.stdout
     # same samples, crops and masks; only float summation order differs (threads, all-reduce)
     assert_same_weights(without_key_bias(weights(tmp_path / "one" / "checkpoint-last.pth")),
                         without_key_bias(weights(tmp_path / "two" / "checkpoint-last.pth")), atol=1e-5)
@@ -83,7 +86,7 @@ def uninterrupted(tmp_path_factory):
 def test_sigkill_mid_epoch_then_resume_auto_is_bit_identical(tmp_path, uninterrupted):
     proc = start(SCRIPT, *LONG, "--output_dir", tmp_path)
     wait_for(lambda: any(e["epoch"] == 1 and e["step"] >= 5 for e in log_lines(tmp_path)), proc)
-    code, _ = kill(proc, signal.SIGKILL)
+    code, _, _ = kill(proc, signal.SIGKILL)
     assert code == -signal.SIGKILL                                                  # it was still running
     assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["epoch"] == 1
     r = run(SCRIPT, *LONG, "--output_dir", tmp_path, "--resume", "auto")
@@ -95,13 +98,28 @@ def test_sigkill_mid_epoch_then_resume_auto_is_bit_identical(tmp_path, uninterru
 def test_sigterm_saves_mid_epoch_exits_0_and_resumes_bit_identical(tmp_path, uninterrupted):
     proc = start(SCRIPT, *LONG, "--output_dir", tmp_path)
     wait_for(lambda: any(e["epoch"] == 1 and e["step"] >= 3 for e in log_lines(tmp_path)), proc)
-    code, err = kill(proc, signal.SIGTERM)
+    code, _, err = kill(proc, signal.SIGTERM)
     assert code == 0, err[-2000:]
     ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and 0 < ckpt["batch_in_epoch"] < 32                   # saved mid-epoch
     r = run(SCRIPT, *LONG, "--output_dir", tmp_path, "--resume", "auto")
     assert r.returncode == 0, r.stderr[-2000:]
     assert_same_weights(weights(tmp_path / "checkpoint-last.pth"), uninterrupted)
+
+
+def test_sigterm_under_torchrun_stops_every_rank_and_resumes_bit_identical(tmp_path):
+    args = [*TINY, "--epochs", 2, "--builtin_images", 256, "--batch_size", 4, "--lr", "1e-3", "--log_every", 1]
+    ref = run(SCRIPT, *args, "--output_dir", tmp_path / "ref", torchrun=2)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    proc = start(SCRIPT, *args, "--output_dir", tmp_path / "run", torchrun=2)
+    wait_for(lambda: any(e["epoch"] == 0 and e["step"] >= 4 for e in log_lines(tmp_path / "run")), proc)
+    _, out, err = kill(proc, signal.SIGTERM)                # to the launcher, which passes it to both ranks
+    assert "SIGTERM: saved" in out, err[-2000:]
+    ckpt = torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=True)
+    assert ckpt["epoch"] == 0 and 0 < ckpt["batch_in_epoch"] < 32 and ckpt["world_size"] == 2, err[-2000:]
+    r = run(SCRIPT, *args, "--output_dir", tmp_path / "run", "--resume", "auto", torchrun=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_same_weights(weights(tmp_path / "run" / "checkpoint-last.pth"), weights(tmp_path / "ref" / "checkpoint-last.pth"))
 
 
 def test_nan_loss_stops_and_leaves_the_last_checkpoint_untouched(tmp_path):
@@ -158,7 +176,7 @@ def test_bad_input_gives_one_line_naming_the_culprit(tmp_path):
 
 def test_unreadable_and_odd_images_are_handled_in_a_real_run(tmp_path):
     data = tmp_path / "data"
-    write_images(data, 14)
+    write_images(data, 15)                                  # 20 files, batch 4: every file is read
     (data / "corrupt.jpg").write_bytes(b"\xff\xd8 broken")
     good = (data / "img000.png").read_bytes()
     (data / "truncated.png").write_bytes(good[: len(good) // 2])
