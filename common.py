@@ -58,18 +58,11 @@ class BuiltinShapes(Dataset):
         v = (-(x - cx) * np.sin(theta) + (y - cy) * np.cos(theta)) / r
         rho, phi = np.hypot(u, v), np.arctan2(v, u)
         period = rng.uniform(0.15, 0.4) * r
-        shapes = [
-            rho < 1,
-            np.maximum(np.abs(u), np.abs(v)) < 0.8,
-            (v > -0.5) & (v < 1 - 1.7 * np.abs(u)),
-            (rho < 1) & (rho > 0.6),
-            (np.minimum(np.abs(u), np.abs(v)) < 0.25) & (np.maximum(np.abs(u), np.abs(v)) < 1),
-            rho < 0.6 + 0.4 * np.cos(5 * phi),
-            np.sin(u * r / period * np.pi) > 0,
-            (np.sin(u * r / period * np.pi) > 0) ^ (np.sin(v * r / period * np.pi) > 0),
-            np.hypot(np.sin(u * r / period * np.pi), np.sin(v * r / period * np.pi)) < 0.5,
-            np.sin(rho * r / period * np.pi) > 0,
-        ]
+        su, sv, sr = (np.sin(t * r / period * np.pi) for t in (u, v, rho))   # waves `period` wide
+        au, av = np.abs(u), np.abs(v)
+        shapes = [rho < 1, np.maximum(au, av) < 0.8, (v > -0.5) & (v < 1 - 1.7 * au), (rho < 1) & (rho > 0.6),
+                  (np.minimum(au, av) < 0.25) & (np.maximum(au, av) < 1), rho < 0.6 + 0.4 * np.cos(5 * phi),
+                  su > 0, (su > 0) ^ (sv > 0), np.hypot(su, sv) < 0.5, sr > 0]         # in `classes` order
         inside = shapes[label] & ((rho < 1.6) if label >= 6 else True)
         img = np.where(inside[..., None], fg, img)
         img = img + rng.normal(0, 0.03, img.shape)              # sensor noise: nothing is flat

@@ -425,7 +425,7 @@ def main(args):
     log = print if is_main else (lambda *a, **k: None)
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     if amp != "none" and device.type == "cpu":
-        log(f"warning: --amp {amp} on CPU is very slow here; --amp none is the CPU default")
+        log(f"warning: --amp {amp} on CPU is fast only on CPUs with native {amp} matmuls; --amp none is the default")
 
     # 2. seed: per rank, for anything drawn outside the data pipeline (nothing, in MAE pre-training)
     torch.manual_seed(args.seed + rank)

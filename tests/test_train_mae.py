@@ -1,5 +1,6 @@
 """mae.py's training loop, run as a user runs it: outputs, DDP, resume, SIGTERM, NaN, bad input."""
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -102,9 +103,14 @@ def test_sigterm_saves_mid_epoch_exits_0_and_resumes_bit_identical(tmp_path, uni
     assert code == 0, err[-2000:]
     ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and 0 < ckpt["batch_in_epoch"] < 32                   # saved mid-epoch
+    shutil.copy(tmp_path / "checkpoint-last.pth", tmp_path / "mid-epoch.pth")
     r = run(SCRIPT, *LONG, "--output_dir", tmp_path, "--resume", "auto")
     assert r.returncode == 0, r.stderr[-2000:]
     assert_same_weights(weights(tmp_path / "checkpoint-last.pth"), uninterrupted)
+    # another batch size: the saved position means other samples, so epoch 1 starts over
+    r = run(SCRIPT, *LONG, "--batch_size", 16, "--output_dir", tmp_path / "other", "--resume", tmp_path / "mid-epoch.pth")
+    assert r.returncode == 0 and "restarting epoch 1 from its start" in r.stdout, r.stderr[-2000:]
+    assert [(e["epoch"], e["step"]) for e in log_lines(tmp_path / "other")][0] == (1, 1)
 
 
 def test_sigterm_under_torchrun_stops_every_rank_and_resumes_bit_identical(tmp_path):
