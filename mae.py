@@ -259,7 +259,6 @@ MODELS = {
 }
 
 
-
 def load_pretrained(model, checkpoint):
     """Load an official (or our) MAE pre-training checkpoint, a path or a state_dict.
 
