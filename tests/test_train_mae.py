@@ -195,3 +195,17 @@ def test_unreadable_and_odd_images_are_handled_in_a_real_run(tmp_path):
     assert "corrupt.jpg" in r.stderr and "truncated.png" in r.stderr and "Traceback" not in r.stderr
     for name in ("grey.png", "cmyk.jpg", "rgba.png"):
         assert name not in r.stderr                                                 # read, not skipped
+
+
+def test_mixed_precision_on_cpu_and_switching_it_on_resume(tmp_path):
+    """bf16 autocast needs no loss scaling; fp16 runs through a GradScaler, whose state is saved.
+    A bf16 checkpoint (no scaler state) resumes under fp16."""
+    args = [*TINY, "--builtin_images", 32, "--batch_size", 8, "--log_every", 1, "--output_dir", tmp_path]
+    r = run(SCRIPT, *args, "--epochs", 1, "--amp", "bf16")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["scaler"] == {}
+    r = run(SCRIPT, *args, "--epochs", 2, "--amp", "fp16", "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["scaler"]["scale"] > 0
+    assert all(np.isfinite(e["loss"]) for e in log_lines(tmp_path)) and len(log_lines(tmp_path)) == 8
