@@ -9,10 +9,10 @@ re-implementation's tests load this file and compare against it.
 The official code needs timm==0.3.2, so run this in a scratch venv that reuses
 the system torch::
 
-    python3 -m venv --system-site-packages /tmp/scratch-venv
-    /tmp/scratch-venv/bin/pip install --no-deps timm==0.3.2
-    git clone https://github.com/facebookresearch/mae /tmp/official/mae
-    /tmp/scratch-venv/bin/python tests/golden/make_mae_golden.py /tmp/official/mae
+    python3 -m venv --system-site-packages scratch-venv
+    scratch-venv/bin/pip install --no-deps timm==0.3.2
+    git clone https://github.com/facebookresearch/mae path/to/mae
+    scratch-venv/bin/python tests/golden/make_mae_golden.py path/to/mae
 
 CI does not run this script; it only reads the committed fixture.
 """
