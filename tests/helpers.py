@@ -77,6 +77,18 @@ def assert_same_weights(a, b, atol=0.0):
             torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=lambda m: f"{k}: {m}")
 
 
+def without_key_bias(state):
+    """Drop the key third of every qkv bias. Softmax ignores a constant added to all keys, so its true
+    gradient is 0 and what backward returns is rounding noise; Adam divides that noise by its own
+    magnitude and moves these entries by ~lr per step in a direction no two runs share."""
+    out = dict(state)
+    for k, v in state.items():
+        if k.endswith("attn.qkv.bias"):
+            d = v.shape[0] // 3
+            out[k] = torch.cat([v[:d], v[2 * d:]])
+    return out
+
+
 def write_images(folder, n, size=32, seed=0, fmt="png"):
     """n random RGB images in `folder`; returns their paths."""
     os.makedirs(folder, exist_ok=True)

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from common import cosine_lr
-from helpers import assert_same_weights, kill, last_line, log_lines, run, start, wait_for, weights, write_images
+from helpers import (assert_same_weights, kill, last_line, log_lines, run, start, wait_for, weights,
+                     without_key_bias, write_images)
 
 SCRIPT = "mae.py"
 TINY = ["--model", "mae_vit_tiny", "--num_workers", "0", "--warmup_epochs", "1"]
@@ -34,18 +35,6 @@ def test_two_epochs_on_builtin_data_write_checkpoint_log_and_a_useful_picture(tm
     err = lambda c: np.mean([((cell(r, c) - cell(r, 0)) ** 2).mean() for r in range(8)])
     assert grid.shape == (8 * 33 + 1, 4 * 33 + 1, 3)
     assert err(3) < 0.8 * err(1), (err(3), err(1))                                  # recon beats grey patches
-
-
-def without_key_bias(state):
-    """Drop the key third of every qkv bias. Softmax ignores a constant added to all keys, so its true
-    gradient is 0 and what backward returns is rounding noise; Adam divides that noise by its own
-    magnitude and moves these entries by ~lr per step in a direction no two runs share."""
-    out = dict(state)
-    for k, v in state.items():
-        if k.endswith("attn.qkv.bias"):
-            d = v.shape[0] // 3
-            out[k] = torch.cat([v[:d], v[2 * d:]])
-    return out
 
 
 def test_ddp_two_processes_with_accumulation_equal_one_process_with_the_same_global_batch(tmp_path):
