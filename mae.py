@@ -132,7 +132,7 @@ def random_masking(x, mask_ratio, noise=None):
     ids_shuffle = torch.argsort(noise, dim=1)                           # ascending: small = keep
     ids_restore = torch.argsort(ids_shuffle, dim=1)                     # rank of each patch
     kept = torch.gather(x, 1, ids_shuffle[:, :len_keep, None].expand(-1, -1, D))
-    mask = (ids_restore >= len_keep).to(x.dtype)                        # hidden = ranked past L_keep
+    mask = (ids_restore >= len_keep).float()                            # hidden = ranked past L_keep; fp32 under amp too
     return kept, mask, ids_restore
 
 

@@ -207,3 +207,12 @@ def test_load_pretrained_full_and_encoder_only_checkpoints(tmp_path):
                   "fc_norm.weight": torch.ones(192), "head.weight": torch.zeros(10, 192)}
     with pytest.raises(ValueError, match="fc_norm.weight"):
         load_pretrained(MODELS["mae_vit_tiny"](), classifier)
+
+
+def test_mask_and_loss_stay_fp32_under_bf16_autocast():
+    """mask.sum() normalises the loss: in bf16 it would round (bf16 counts exactly only to 256)."""
+    torch.manual_seed(0)
+    model = MODELS["mae_vit_tiny"]()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, pred, mask = model(torch.randn(2, 3, 32, 32))
+    assert mask.dtype == torch.float32 and loss.dtype == torch.float32
