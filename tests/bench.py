@@ -2,8 +2,8 @@
 
 Each step runs as mae.py's training loop runs it: the model's loss on a fixed random batch
 with fixed masking noise (so masking is timed but identical across runs), loss.backward(),
-then a fused AdamW step (lr 1e-4, betas (0.9, 0.95), weight decay 0.05) over the trainable
-parameters. The script also counts the step's FLOPs and measures the machine's large-matmul
+then a fused AdamW step (lr 1e-4, betas (0.9, 0.95), weight decay 0.05 in mae.py's
+`param_groups`). The script also counts the step's FLOPs and measures the machine's large-matmul
 rate, to show how close the step gets to what the hardware does at best.
 
     python tests/bench.py                                   # mae_vit_tiny and mae_vit_base_patch16
@@ -14,8 +14,9 @@ rate, to show how close the step gets to what the hardware does at best.
 --official PATH benchmarks the official model (a facebookresearch/mae checkout) next to ours:
 same architecture, norm_pix_loss=True for both, same batch, amp and --channels_last, run as its
 main_pretrain.py runs it: eager (it has no compile option; --compile compiles only ours) and
-stepped with the default torch AdamW (the foreach implementation). It needs timm==0.3.2 importable; tests/official.py patches that old timm and
-numpy for current torch. The official forward draws its own masking noise. Timing rounds
+stepped with the default torch AdamW (the foreach implementation) over timm's `add_weight_decay`
+groups. It needs timm==0.3.2 importable; tests/official.py patches that old timm and numpy for
+current torch. The official forward draws its own masking noise. Timing rounds
 alternate ours / official so that machine noise hits both alike.
 
 Steps: --warmup untimed steps per model, then --rounds rounds of --steps timed steps, each
@@ -54,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(TESTS))                              # the repo root: mae.py
-from mae import MODELS, MaskedAutoencoderViT  # noqa: E402
+from mae import MODELS, MaskedAutoencoderViT, param_groups  # noqa: E402
 
 MASK_RATIO = 0.75
 AMP_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -165,12 +166,12 @@ class Contender:
         return sum(t.numel() * t.element_size() for t in tensors if t.is_cuda)
 
 
-def make_contender(label, model, loss, args, device, **optimizer_kwargs):
+def make_contender(label, model, loss, param_groups, args, device, **optimizer_kwargs):
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)            # only the patch conv is 4-D
-    params = [p for p in model.parameters() if p.requires_grad]        # not the fixed pos embeds
-    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, **optimizer_kwargs)
+    groups = param_groups(model, 0.05)                                  # decay / no-decay, trainable only
+    optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), **optimizer_kwargs)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")  # bf16 needs no scaling
     return Contender(label, model, loss, optimizer, scaler)
 
@@ -186,7 +187,7 @@ def ours(name, args, device):
     model = MODELS[name](norm_pix_loss=True)
     fused = device.type in ("cpu", "cuda")                              # as mae.py's training loop
     return make_contender(name, model, lambda m, imgs, noise: m(imgs, MASK_RATIO, noise)[0],
-                          args, device, fused=fused)
+                          param_groups, args, device, fused=fused)
 
 
 def official(name, args, device):
@@ -199,9 +200,10 @@ def official(name, args, device):
     theirs = inspect.signature(cls).parameters
     kwargs = {k: v for k, v in arch(name).items() if k in theirs}     # not our drop_path_rate
     kwargs.update(norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=True)
+    from timm.optim.optim_factory import add_weight_decay              # what main_pretrain.py uses
     torch.manual_seed(0)
-    return make_contender(f"{name} (official)", cls(**kwargs),
-                          lambda m, imgs, noise: m(imgs, MASK_RATIO)[0], args, device)
+    return make_contender(f"{name} (official)", cls(**kwargs), lambda m, imgs, noise: m(imgs, MASK_RATIO)[0],
+                          add_weight_decay, args, device)
 
 
 # --- running ---
