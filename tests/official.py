@@ -17,10 +17,13 @@ import collections.abc
 import importlib
 import math
 import os
+import subprocess
 import sys
 import types
+from contextlib import contextmanager
 
 import numpy as np
+import torch
 
 # numpy aliases removed in 1.24, mapped to the builtins they always meant.
 _NUMPY_ALIASES = {"float": float, "int": int, "bool": bool,
@@ -90,3 +93,43 @@ def import_official(checkout_dir, module_name):
         sys.path.remove(checkout_dir)
     sys.path.insert(0, checkout_dir)
     return importlib.import_module(module_name)
+
+
+class _TorchWithFixedRand:
+    """Stands in for ``torch`` inside an official model module; only ``rand`` differs."""
+
+    def __init__(self, noise):
+        self._noise = noise
+
+    def rand(self, *size, device=None, **kwargs):
+        # random_masking calls torch.rand(N, L, device=...); nothing else in
+        # the forward pass does (MAE, ConvMAE, FastConvMAE), so any other
+        # shape means the code changed.
+        assert tuple(size) == tuple(self._noise.shape), size
+        return self._noise.clone().to(device)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@contextmanager
+def fixed_masking_noise(module, noise):
+    """Make the official random_masking argsort ``noise`` instead of fresh rand.
+
+    Only the module's global ``torch`` name is swapped, so the official
+    algorithm runs unchanged and the real torch.rand is untouched elsewhere.
+    """
+    real = module.torch
+    module.torch = _TorchWithFixedRand(noise)
+    try:
+        yield
+    finally:
+        module.torch = real
+
+
+def git_head(path):
+    try:
+        return subprocess.check_output(["git", "-C", path, "rev-parse", "HEAD"],
+                                       text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None

@@ -19,16 +19,14 @@ CI does not run this script; it only reads the committed fixture.
 
 import argparse
 import os
-import subprocess
 import sys
-from contextlib import contextmanager
 from functools import partial
 
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from official import import_official  # noqa: E402  (tests/official.py)
+from official import fixed_masking_noise, git_head, import_official  # noqa: E402  (tests/official.py)
 
 CONFIG = dict(img_size=32, patch_size=4, in_chans=3, embed_dim=64, depth=2,
               num_heads=4, decoder_embed_dim=32, decoder_depth=2,
@@ -44,45 +42,6 @@ GRAD_PARAMS = [
     "decoder_pred.bias",
 ]
 MAX_BYTES = 2 * 1024 * 1024
-
-
-class _TorchWithFixedRand:
-    """Stands in for ``torch`` inside models_mae; only ``rand`` differs."""
-
-    def __init__(self, noise):
-        self._noise = noise
-
-    def rand(self, *size, device=None, **kwargs):
-        # random_masking calls torch.rand(N, L, device=...); nothing else in
-        # the forward pass does, so any other shape means the code changed.
-        assert tuple(size) == tuple(self._noise.shape), size
-        return self._noise.clone().to(device)
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-
-@contextmanager
-def fixed_masking_noise(models_mae, noise):
-    """Make the official random_masking argsort ``noise`` instead of fresh rand.
-
-    Only the module's global ``torch`` name is swapped, so the official
-    algorithm runs unchanged and the real torch.rand is untouched elsewhere.
-    """
-    real = models_mae.torch
-    models_mae.torch = _TorchWithFixedRand(noise)
-    try:
-        yield
-    finally:
-        models_mae.torch = real
-
-
-def git_head(path):
-    try:
-        return subprocess.check_output(["git", "-C", path, "rev-parse", "HEAD"],
-                                       text=True, stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def run_case(model, models_mae, imgs, noise, norm_pix_loss):
