@@ -1,23 +1,28 @@
-"""Benchmark one MAE pre-training step per model: forward + backward + AdamW step.
+"""Benchmark one pre-training step per model: forward + backward + AdamW step.
 
-Each step runs as mae.py's training loop runs it: the model's loss on a fixed random batch
-with fixed masking noise (so masking is timed but identical across runs), loss.backward(),
-then a fused AdamW step (lr 1e-4, betas (0.9, 0.95), weight decay 0.05 in mae.py's
-`param_groups`). The script also counts the step's FLOPs and measures the machine's large-matmul
+Each step runs as the method file's training loop runs it: the model's loss on a fixed random
+batch with fixed masking noise (so masking is timed but identical across runs), loss.backward(),
+then a fused AdamW step (lr 1e-4, betas (0.9, 0.95), weight decay 0.05 in the file's
+`param_groups`). A model name's prefix names its file: mae_* -> mae.py, convmae_* -> convmae.py.
+The script also counts the step's FLOPs and measures the machine's large-matmul
 rate, to show how close the step gets to what the hardware does at best.
 
     python tests/bench.py                                   # mae_vit_tiny and mae_vit_base_patch16
-    python tests/bench.py --models mae_vit_tiny --device cpu --steps 5
+    python tests/bench.py --models mae_vit_tiny convmae_convvit_tiny --device cpu --steps 5
     python tests/bench.py --amp fp16 --compile --channels_last --batch 64
-    python tests/bench.py --official path/to/mae            # side by side with facebookresearch/mae
+    python tests/bench.py --official mae=path/to/mae        # side by side with facebookresearch/mae
+    python tests/bench.py --models convmae_convvit_base_patch16 fastconvmae_convvit_base_patch16 \
+        --official convmae=path/to/ConvMAE fastconvmae=path/to/FastConvMAE --batch 4
 
---official PATH benchmarks the official model (a facebookresearch/mae checkout) next to ours:
-same architecture, norm_pix_loss=True for both, same batch, amp and --channels_last, run as its
-main_pretrain.py runs it: eager (it has no compile option; --compile compiles only ours) and
-stepped with the default torch AdamW (the foreach implementation) over timm's `add_weight_decay`
-groups. It needs timm==0.3.2 importable; tests/official.py patches that old timm and numpy for
-current torch. The official forward draws its own masking noise. Timing rounds
-alternate ours / official so that machine noise hits both alike.
+--official METHOD=PATH ... benchmarks the official model (a checkout of facebookresearch/mae,
+Alpha-VL/ConvMAE or Alpha-VL/FastConvMAE) next to ours: same architecture, norm_pix_loss=True
+for both, same batch, amp and --channels_last, run as its main_pretrain.py runs it: eager (it
+has no compile option; --compile compiles only ours) and stepped with the default torch AdamW
+(the foreach implementation) over timm's `add_weight_decay` groups. It needs timm==0.3.2
+importable; tests/official.py patches that old timm and numpy for current torch. The official
+forward draws its own masking noise. Timing rounds alternate ours / official so that machine
+noise hits both alike. The official ConvMAE/FastConvMAE run only at 224 px with strides 4-2-2,
+so their *_tiny models have no official row.
 
 Steps: --warmup untimed steps per model, then --rounds rounds of --steps timed steps, each
 step timed on its own (with torch.cuda.synchronize on CUDA); the table shows the median.
@@ -40,6 +45,7 @@ Columns:
 import argparse
 import gc
 import inspect
+import math
 import os
 import statistics
 import sys
@@ -55,7 +61,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(TESTS))                              # the repo root: mae.py
-from mae import MODELS, MaskedAutoencoderViT, param_groups  # noqa: E402
+import convmae  # noqa: E402
+import fastconvmae  # noqa: E402
+import mae  # noqa: E402
+
+METHODS = {"mae": mae, "convmae": convmae, "fastconvmae": fastconvmae}
+FILE_OF = {name: module for module in METHODS.values() for name in module.MODELS}   # model name -> method file
+# the official class of each method, and its constructor arguments from ours
+OFFICIAL = {"mae": ("models_mae", "MaskedAutoencoderViT"),
+            "convmae": ("models_convmae", "MaskedAutoencoderConvViT"),
+            "fastconvmae": ("models_fastconvmae", "MaskedAutoencoderViT")}
 
 MASK_RATIO = 0.75
 AMP_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,9 +78,9 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="MAE training-step benchmark",
+    p = argparse.ArgumentParser(description="pre-training step benchmark",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["mae_vit_tiny", "mae_vit_base_patch16"], choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=["mae_vit_tiny", "mae_vit_base_patch16"], choices=list(FILE_OF))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=list(AMP_DTYPES), default=None, help="default: none on cpu, bf16 on cuda")
@@ -74,8 +89,15 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds (alternating with --official)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model before timing")
-    p.add_argument("--official", metavar="PATH", help="facebookresearch/mae checkout to compare with")
+    p.add_argument("--official", nargs="+", default=[], metavar="METHOD=PATH",
+                   help=f"official checkouts to compare with; METHOD is one of {', '.join(METHODS)}")
     args = p.parse_args(argv)
+    try:
+        args.official = dict(item.split("=", 1) for item in args.official)
+    except ValueError:
+        p.error(f"--official takes METHOD=PATH pairs, got {args.official}")
+    if set(args.official) - set(METHODS):
+        p.error(f"--official: unknown method {sorted(set(args.official) - set(METHODS))}; one of {', '.join(METHODS)}")
     args.amp = args.amp or ("bf16" if args.device == "cuda" else "none")
     return args
 
@@ -169,36 +191,61 @@ class Contender:
 def make_contender(label, model, loss, param_groups, args, device, **optimizer_kwargs):
     model = model.to(device)
     if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)            # only the patch conv is 4-D
+        model = model.to(memory_format=torch.channels_last)            # 4-D conv weights
     groups = param_groups(model, 0.05)                                  # decay / no-decay, trainable only
     optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), **optimizer_kwargs)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")  # bf16 needs no scaling
     return Contender(label, model, loss, optimizer, scaler)
 
 
+def method(name):
+    return name.split("_")[0]
+
+
 def arch(name):
     """MODELS[name]'s keyword arguments with our class's defaults filled in."""
-    defaults = {k: p.default for k, p in inspect.signature(MaskedAutoencoderViT).parameters.items()}
-    return {**defaults, **MODELS[name].keywords}
+    builder = FILE_OF[name].MODELS[name]
+    defaults = {k: p.default for k, p in inspect.signature(builder.func).parameters.items()}
+    return {**defaults, **builder.keywords}
+
+
+def units_side(name):
+    """Mask units per image side: image size / total stride."""
+    a = arch(name)
+    return a["img_size"] // math.prod(a["patch_size"]) if isinstance(a["patch_size"], tuple) else \
+        a["img_size"] // a["patch_size"]
 
 
 def ours(name, args, device):
     torch.manual_seed(0)
-    model = MODELS[name](norm_pix_loss=True)
-    fused = device.type in ("cpu", "cuda")                              # as mae.py's training loop
+    module = FILE_OF[name]
+    model = module.MODELS[name](norm_pix_loss=True)
+    fused = device.type in ("cpu", "cuda")                              # as the training loop
     return make_contender(name, model, lambda m, imgs, noise: m(imgs, MASK_RATIO, noise)[0],
-                          param_groups, args, device, fused=fused)
+                          module.param_groups, args, device, fused=fused)
+
+
+def official_kwargs(name):
+    """The official constructor's arguments for our architecture: where MODELS[name] leaves an
+    argument to the class default, our class's default is passed, so the two cannot drift apart.
+    None where the official code cannot build it (ConvMAE's grids are hard-coded for 224 px)."""
+    a = dict(arch(name))
+    if method(name) in ("convmae", "fastconvmae"):
+        if a["img_size"] != 224 or tuple(a["patch_size"]) != (4, 2, 2):
+            return None
+        a["img_size"] = [224, 56, 28]
+        a.update({k: list(a[k]) for k in ("patch_size", "embed_dim", "depth", "mlp_ratio")})
+    return a
 
 
 def official(name, args, device):
-    """The official model with our architecture: where MODELS[name] leaves an argument to
-    the class default, our class's default is passed, so the two cannot drift apart."""
     if TESTS not in sys.path:
         sys.path.insert(0, TESTS)
     from official import import_official                                # tests/official.py
-    cls = import_official(args.official, "models_mae").MaskedAutoencoderViT
+    module_name, class_name = OFFICIAL[method(name)]
+    cls = getattr(import_official(args.official[method(name)], module_name), class_name)
     theirs = inspect.signature(cls).parameters
-    kwargs = {k: v for k, v in arch(name).items() if k in theirs}     # not our drop_path_rate
+    kwargs = {k: v for k, v in official_kwargs(name).items() if k in theirs}   # not our drop_path_rate
     kwargs.update(norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=True)
     from timm.optim.optim_factory import add_weight_decay              # what main_pretrain.py uses
     torch.manual_seed(0)
@@ -245,13 +292,14 @@ def timed_round(c, others, imgs, noise, autocast, args, device):
 
 def bench_model(name, args, device, autocast):
     """Our model (and the official one) on one fixed batch: FLOPs, warmup, interleaved rounds."""
-    img_size, patch = arch(name)["img_size"], arch(name)["patch_size"]
+    img_size = arch(name)["img_size"]
     torch.manual_seed(0)
     imgs = torch.randn(args.batch, 3, img_size, img_size, device=device)
     if args.channels_last:
         imgs = imgs.contiguous(memory_format=torch.channels_last)
-    noise = torch.rand(args.batch, (img_size // patch) ** 2, device=device)
-    contenders = [ours(name, args, device)] + ([official(name, args, device)] if args.official else [])
+    noise = torch.rand(args.batch, units_side(name) ** 2, device=device)
+    with_official = method(name) in args.official and official_kwargs(name) is not None
+    contenders = [ours(name, args, device)] + ([official(name, args, device)] if with_official else [])
     for c in contenders:
         c.gflop = count_gflop(c, imgs, noise, autocast)
         if args.compile and c is contenders[0]:                        # the official code runs eager
@@ -283,7 +331,7 @@ def hardware_name(device):
 
 
 def print_header(args, device, peak_dtype, peak, n):
-    print(f"MAE training step (forward + backward + AdamW) | {hardware_name(device)} | "
+    print(f"pre-training step (forward + backward + AdamW) | {hardware_name(device)} | "
           f"threads={torch.get_num_threads()} | torch {torch.__version__} | amp {args.amp} | "
           f"compile {args.compile} | channels_last {args.channels_last} | "
           f"{args.warmup} warmup + {args.rounds} x {args.steps} timed steps")
@@ -304,7 +352,7 @@ def print_rows(contenders, img_size, args, device, dtype, peak):
                img_size, fmt(ms[i]), fmt(args.batch / ms[i] * 1e3), fmt(c.peak_mb), fmt(c.gflop), fmt(achieved),
                f"{100 * achieved / peak:.1f}"]
         if args.official:
-            row.append(f"{ms[1] / ms[0]:.2f}x" if i == 0 else "")
+            row.append(f"{ms[1] / ms[0]:.2f}x" if i == 0 and len(ms) > 1 else "")
         print("| " + " | ".join(map(str, row)) + " |", flush=True)
 
 

@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import mae
-from bench import CPU_SDPA_FLOPS
+from bench import CPU_SDPA_FLOPS, official_kwargs
 from helpers import ROOT
 
 
@@ -38,11 +38,24 @@ def test_cpu_attention_flops_equal_the_explicit_matmuls():
 
 
 def test_bench_prints_a_row_per_model():
-    r = subprocess.run([sys.executable, "tests/bench.py", "--models", "mae_vit_tiny", "--device", "cpu",
+    tiny = ["mae_vit_tiny", "convmae_convvit_tiny", "fastconvmae_convvit_tiny"]
+    r = subprocess.run([sys.executable, "tests/bench.py", "--models", *tiny, "--device", "cpu",
                         "--steps", "1", "--rounds", "1", "--warmup", "1"], capture_output=True, text=True, cwd=ROOT,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    row = [line for line in r.stdout.splitlines() if line.startswith("| mae_vit_tiny |")]
-    assert len(row) == 1
-    cells = [c.strip() for c in row[0].strip("|").split("|")]
-    assert cells[1:5] == ["cpu", "fp32", "8", "32"] and float(cells[5]) > 0 and float(cells[8]) > 0
+    for name in tiny:
+        row = [line for line in r.stdout.splitlines() if line.startswith(f"| {name} |")]
+        assert len(row) == 1, name
+        cells = [c.strip() for c in row[0].strip("|").split("|")]
+        assert cells[1:5] == ["cpu", "fp32", "8", "32"] and float(cells[5]) > 0 and float(cells[8]) > 0
+
+
+def test_official_convmae_is_built_with_the_official_base_arguments():
+    """models_convmae.py / models_fastconvmae.py build ConvViT-B with exactly these."""
+    official = dict(img_size=[224, 56, 28], patch_size=[4, 2, 2], embed_dim=[256, 384, 768], depth=[2, 2, 11],
+                    num_heads=12, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+                    mlp_ratio=[4.0, 4.0, 4.0])
+    for name in ("convmae_convvit_base_patch16", "fastconvmae_convvit_base_patch16"):
+        kwargs = official_kwargs(name)
+        assert {k: kwargs[k] for k in official} == official
+    assert official_kwargs("convmae_convvit_tiny") is None                         # 32 px: the official cannot

@@ -1,7 +1,11 @@
-"""mae.py's training loop, run as a user runs it: outputs, DDP, resume, SIGTERM, NaN, bad input."""
+"""The method files' training loops, run as a user runs them: outputs, DDP, resume, SIGTERM, NaN,
+bad input. The loops are copies of one shape (STYLE §4), so each test runs on every method file
+except where noted; a copy that drifts fails here."""
+import importlib
 import os
 import shutil
 import signal
+from collections import namedtuple
 
 import numpy as np
 import pytest
@@ -12,17 +16,29 @@ from common import cosine_lr
 from helpers import (assert_same_weights, kill, last_line, log_lines, run, start, wait_for, weights,
                      without_key_bias, write_images)
 
-SCRIPT = "mae.py"
-TINY = ["--model", "mae_vit_tiny", "--num_workers", "0", "--warmup_epochs", "1"]
+Method = namedtuple("Method", "script tiny base")
+METHODS = [Method("mae.py", "mae_vit_tiny", "mae_vit_base_patch16"),
+           Method("convmae.py", "convmae_convvit_tiny", "convmae_convvit_base_patch16"),
+           Method("fastconvmae.py", "fastconvmae_convvit_tiny", "fastconvmae_convvit_base_patch16")]
+MAE_ONLY = [METHODS[0]]                 # loop features checked once: the copies share the code line for line
 
 
-def test_two_epochs_on_builtin_data_write_checkpoint_log_and_a_useful_picture(tmp_path):
+@pytest.fixture(params=METHODS, ids=[m.script for m in METHODS])
+def m(request):
+    return request.param
+
+
+def tiny(m):
+    return ["--model", m.tiny, "--num_workers", "0", "--warmup_epochs", "1"]
+
+
+def test_two_epochs_on_builtin_data_write_checkpoint_log_and_a_useful_picture(m, tmp_path):
     out = tmp_path / "run"
-    r = run(SCRIPT, *TINY, "--epochs", 2, "--builtin_images", 512, "--batch_size", 16, "--lr", "2e-3",
+    r = run(m.script, *tiny(m), "--epochs", 2, "--builtin_images", 512, "--batch_size", 16, "--lr", "2e-3",
             "--no-norm_pix_loss", "--log_every", 8, "--output_dir", out)   # pixel targets: no per-patch help
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
-    assert ckpt["epoch"] == 2 and ckpt["args"]["model"] == "mae_vit_tiny" and "optimizer" in ckpt
+    assert ckpt["epoch"] == 2 and ckpt["args"]["model"] == m.tiny and "optimizer" in ckpt
     assert (out / "checkpoint-0002.pth").exists()                                 # the end is always kept
     log = log_lines(out)
     assert [(e["epoch"], e["step"]) for e in log] == [(0, 8), (0, 16), (0, 24), (0, 32), (1, 8), (1, 16), (1, 24), (1, 32)]
@@ -37,10 +53,10 @@ def test_two_epochs_on_builtin_data_write_checkpoint_log_and_a_useful_picture(tm
     assert err(3) < 0.8 * err(1), (err(3), err(1))                                  # recon beats grey patches
 
 
-def test_ddp_two_processes_with_accumulation_equal_one_process_with_the_same_global_batch(tmp_path):
-    common = [*TINY, "--epochs", 1, "--builtin_images", 64, "--lr", "1e-3", "--log_every", 1]
-    one = run(SCRIPT, *common, "--batch_size", 16, "--output_dir", tmp_path / "one")
-    two = run(SCRIPT, *common, "--batch_size", 4, "--accum_iter", 2, "--output_dir", tmp_path / "two", torchrun=2)
+def test_ddp_two_processes_with_accumulation_equal_one_process_with_the_same_global_batch(m, tmp_path):
+    common = [*tiny(m), "--epochs", 1, "--builtin_images", 64, "--lr", "1e-3", "--log_every", 1]
+    one = run(m.script, *common, "--batch_size", 16, "--output_dir", tmp_path / "one")
+    two = run(m.script, *common, "--batch_size", 4, "--accum_iter", 2, "--output_dir", tmp_path / "two", torchrun=2)
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     assert "eff. batch 16 = 4 x 2 x 2" in two.stdout
     # same samples, crops and masks; only float summation order differs (threads, all-reduce)
@@ -51,10 +67,11 @@ def test_ddp_two_processes_with_accumulation_equal_one_process_with_the_same_glo
     assert [e["loss"] for e in l1] == pytest.approx([e["loss"] for e in l2], rel=1e-4)
 
 
-def test_gradient_accumulation_equals_the_big_batch(tmp_path):
-    common = [*TINY, "--epochs", 1, "--builtin_images", 32, "--lr", "1e-3"]
-    big = run(SCRIPT, *common, "--batch_size", 8, "--output_dir", tmp_path / "big")
-    acc = run(SCRIPT, *common, "--batch_size", 4, "--accum_iter", 2, "--output_dir", tmp_path / "acc")
+@pytest.mark.parametrize("m", MAE_ONLY, ids=["mae.py"])
+def test_gradient_accumulation_equals_the_big_batch(m, tmp_path):
+    common = [*tiny(m), "--epochs", 1, "--builtin_images", 32, "--lr", "1e-3"]
+    big = run(m.script, *common, "--batch_size", 8, "--output_dir", tmp_path / "big")
+    acc = run(m.script, *common, "--batch_size", 4, "--accum_iter", 2, "--output_dir", tmp_path / "acc")
     assert big.returncode == 0 and acc.returncode == 0, acc.stderr[-2000:]
     assert_same_weights(without_key_bias(weights(tmp_path / "big" / "checkpoint-last.pth")),
                         without_key_bias(weights(tmp_path / "acc" / "checkpoint-last.pth")), atol=1e-5)
@@ -62,66 +79,75 @@ def test_gradient_accumulation_equals_the_big_batch(tmp_path):
 
 # --- a run loses nothing ---
 
-LONG = [*TINY, "--epochs", 3, "--builtin_images", 256, "--batch_size", 8, "--lr", "1e-3", "--log_every", 1]
+def long(m):
+    return [*tiny(m), "--epochs", 3, "--builtin_images", 256, "--batch_size", 8, "--lr", "1e-3", "--log_every", 1]
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted")
-    r = run(SCRIPT, *LONG, "--output_dir", out)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return weights(out / "checkpoint-last.pth")
+def uninterrupted_runs(tmp_path_factory):
+    """The final weights of an uninterrupted long(m) run, one run per method, made when first asked."""
+    runs = {}
+
+    def get(m):
+        if m.script not in runs:
+            out = tmp_path_factory.mktemp("uninterrupted")
+            r = run(m.script, *long(m), "--output_dir", out)
+            assert r.returncode == 0, r.stderr[-2000:]
+            runs[m.script] = weights(out / "checkpoint-last.pth")
+        return runs[m.script]
+    return get
 
 
-def test_sigkill_mid_epoch_then_resume_auto_is_bit_identical(tmp_path, uninterrupted):
-    proc = start(SCRIPT, *LONG, "--output_dir", tmp_path)
+def test_sigkill_mid_epoch_then_resume_auto_is_bit_identical(m, tmp_path, uninterrupted_runs):
+    proc = start(m.script, *long(m), "--output_dir", tmp_path)
     wait_for(lambda: any(e["epoch"] == 1 and e["step"] >= 5 for e in log_lines(tmp_path)), proc)
     code, _, _ = kill(proc, signal.SIGKILL)
     assert code == -signal.SIGKILL                                                  # it was still running
     assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["epoch"] == 1
-    r = run(SCRIPT, *LONG, "--output_dir", tmp_path, "--resume", "auto")
+    r = run(m.script, *long(m), "--output_dir", tmp_path, "--resume", "auto")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stdout
-    assert_same_weights(weights(tmp_path / "checkpoint-last.pth"), uninterrupted)
+    assert_same_weights(weights(tmp_path / "checkpoint-last.pth"), uninterrupted_runs(m))
 
 
-def test_sigterm_saves_mid_epoch_exits_0_and_resumes_bit_identical(tmp_path, uninterrupted):
-    proc = start(SCRIPT, *LONG, "--output_dir", tmp_path)
+def test_sigterm_saves_mid_epoch_exits_0_and_resumes_bit_identical(m, tmp_path, uninterrupted_runs):
+    proc = start(m.script, *long(m), "--output_dir", tmp_path)
     wait_for(lambda: any(e["epoch"] == 1 and e["step"] >= 3 for e in log_lines(tmp_path)), proc)
     code, _, err = kill(proc, signal.SIGTERM)
     assert code == 0, err[-2000:]
     ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and 0 < ckpt["batch_in_epoch"] < 32                   # saved mid-epoch
     shutil.copy(tmp_path / "checkpoint-last.pth", tmp_path / "mid-epoch.pth")
-    r = run(SCRIPT, *LONG, "--output_dir", tmp_path, "--resume", "auto")
+    r = run(m.script, *long(m), "--output_dir", tmp_path, "--resume", "auto")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert_same_weights(weights(tmp_path / "checkpoint-last.pth"), uninterrupted)
+    assert_same_weights(weights(tmp_path / "checkpoint-last.pth"), uninterrupted_runs(m))
     # another batch size: the saved position means other samples, so epoch 1 starts over
-    r = run(SCRIPT, *LONG, "--batch_size", 16, "--output_dir", tmp_path / "other", "--resume", tmp_path / "mid-epoch.pth")
+    r = run(m.script, *long(m), "--batch_size", 16, "--output_dir", tmp_path / "other", "--resume", tmp_path / "mid-epoch.pth")
     assert r.returncode == 0 and "restarting epoch 1 from its start" in r.stdout, r.stderr[-2000:]
     assert [(e["epoch"], e["step"]) for e in log_lines(tmp_path / "other")][0] == (1, 1)
 
 
-def test_sigterm_under_torchrun_stops_every_rank_and_resumes_bit_identical(tmp_path):
-    args = [*TINY, "--epochs", 2, "--builtin_images", 256, "--batch_size", 4, "--lr", "1e-3", "--log_every", 1]
-    ref = run(SCRIPT, *args, "--output_dir", tmp_path / "ref", torchrun=2)
+@pytest.mark.parametrize("m", MAE_ONLY, ids=["mae.py"])
+def test_sigterm_under_torchrun_stops_every_rank_and_resumes_bit_identical(m, tmp_path):
+    args = [*tiny(m), "--epochs", 2, "--builtin_images", 256, "--batch_size", 4, "--lr", "1e-3", "--log_every", 1]
+    ref = run(m.script, *args, "--output_dir", tmp_path / "ref", torchrun=2)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    proc = start(SCRIPT, *args, "--output_dir", tmp_path / "run", torchrun=2)
+    proc = start(m.script, *args, "--output_dir", tmp_path / "run", torchrun=2)
     wait_for(lambda: any(e["epoch"] == 0 and e["step"] >= 4 for e in log_lines(tmp_path / "run")), proc)
     _, out, err = kill(proc, signal.SIGTERM)                # to the launcher, which passes it to both ranks
     assert "SIGTERM: saved" in out, err[-2000:]
     ckpt = torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=True)
     assert ckpt["epoch"] == 0 and 0 < ckpt["batch_in_epoch"] < 32 and ckpt["world_size"] == 2, err[-2000:]
-    r = run(SCRIPT, *args, "--output_dir", tmp_path / "run", "--resume", "auto", torchrun=2)
+    r = run(m.script, *args, "--output_dir", tmp_path / "run", "--resume", "auto", torchrun=2)
     assert r.returncode == 0, r.stderr[-2000:]
     assert_same_weights(weights(tmp_path / "run" / "checkpoint-last.pth"), weights(tmp_path / "ref" / "checkpoint-last.pth"))
 
 
-def test_nan_loss_stops_and_leaves_the_last_checkpoint_untouched(tmp_path):
-    args = [*TINY, "--builtin_images", 64, "--batch_size", 8, "--log_every", 1, "--output_dir", tmp_path]
-    assert run(SCRIPT, *args, "--epochs", 1).returncode == 0
+def test_nan_loss_stops_and_leaves_the_last_checkpoint_untouched(m, tmp_path):
+    args = [*tiny(m), "--builtin_images", 64, "--batch_size", 8, "--log_every", 1, "--output_dir", tmp_path]
+    assert run(m.script, *args, "--epochs", 1).returncode == 0
     before = (tmp_path / "checkpoint-last.pth").read_bytes()
-    r = run(SCRIPT, *args, "--epochs", 2, "--resume", "auto", "--lr", "1e30", "--warmup_epochs", 0)
+    r = run(m.script, *args, "--epochs", 2, "--resume", "auto", "--lr", "1e30", "--warmup_epochs", 0)
     assert r.returncode != 0
     assert last_line(r.stderr).startswith("error: loss is") and "Traceback" not in r.stderr
     assert (tmp_path / "checkpoint-last.pth").read_bytes() == before
@@ -130,19 +156,19 @@ def test_nan_loss_stops_and_leaves_the_last_checkpoint_untouched(tmp_path):
 
 # --- bad input: a clear one-line error naming the culprit, never a traceback ---
 
-def _bad_input_cases(tmp_path):
+def _bad_input_cases(m, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken").mkdir()
     for i in range(6):
         (tmp_path / "broken" / f"bad{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (tmp_path / "a_file").write_text("x")
-    torch.save({"model": {}, "args": {"model": "mae_vit_base_patch16"}}, tmp_path / "base.pth")
+    torch.save({"model": {}, "args": {"model": m.base}}, tmp_path / "base.pth")
     (tmp_path / "garbage.pth").write_bytes(os.urandom(100))
-    return [  # (extra args, what the one line must name)
+    cases = [  # (extra args, what the one line must name)
         (["--data", tmp_path / "missing"], "missing"),
         (["--data", tmp_path / "empty"], "no images"),
         (["--data", tmp_path / "broken"], "could be read"),
-        (["--model", "mae_vit_gigantic"], "mae_vit_tiny"),
+        (["--model", m.tiny.replace("tiny", "gigantic")], m.tiny),
         (["--batch_size", 0], "--batch_size"),
         (["--batch_size", -4], "--batch_size"),
         (["--epochs", 0], "--epochs"),
@@ -151,25 +177,40 @@ def _bad_input_cases(tmp_path):
         (["--mask_ratio", 1.0], "--mask_ratio"),
         (["--mask_ratio", 0], "--mask_ratio"),
         (["--resume", tmp_path / "nothing.pth"], "nothing.pth"),
-        (["--resume", tmp_path / "base.pth"], "mae_vit_base_patch16"),
+        (["--resume", tmp_path / "base.pth"], m.base),
         (["--resume", tmp_path / "garbage.pth"], "garbage.pth"),
         (["--output_dir", tmp_path / "a_file" / "out"], "--output_dir"),
         (["--batch_size", 4096], "--batch_size 4096"),
     ]
+    if m.script == "fastconvmae.py":                     # four equal complementary views only
+        cases += [(["--mask_ratio", 0.6], "--mask_ratio 0.6"), (["--input_size", 40], "--input_size 40")]
+    return cases
 
 
-def test_bad_input_gives_one_line_naming_the_culprit(tmp_path):
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
+def test_bad_input_gives_one_line_naming_the_culprit(m, tmp_path):
+    """Each case runs in this process (main() exits through sys.exit with the line it prints; any
+    other exception fails the test); the first also runs as a real command, to see the one line."""
+    cases = _bad_input_cases(m, tmp_path)
+    argv = [*tiny(m), "--builtin_images", 16, "--batch_size", 4, "--epochs", 1, "--output_dir", tmp_path / "out"]
+    r = run(m.script, *argv, *cases[0][0])
+    assert r.returncode == 1 and "Traceback" not in r.stderr and last_line(r.stderr).startswith("error:"), r.stderr
+    assert cases[0][1] in last_line(r.stderr)
+    module = importlib.import_module(m.script[:-3])
     failures = []
-    for extra, culprit in _bad_input_cases(tmp_path):
-        r = run(SCRIPT, *TINY, "--builtin_images", 16, "--batch_size", 4, "--epochs", 1,
-                "--output_dir", tmp_path / "out", *extra)
-        line = last_line(r.stderr)
-        if r.returncode == 0 or "Traceback" in r.stderr or not line.startswith("error:") or culprit not in line:
-            failures.append(f"{extra}: exit {r.returncode}: {r.stderr[-600:]}")
+    for extra, culprit in cases:
+        try:
+            module.main(module.get_args([str(a) for a in argv + extra]))
+            failures.append(f"{extra}: no error")
+        except SystemExit as e:
+            line = str(e.code)
+            if "\n" in line or not line.startswith("error:") or culprit not in line:
+                failures.append(f"{extra}: {line}")
     assert not failures, "\n".join(failures)
 
 
-def test_unreadable_and_odd_images_are_handled_in_a_real_run(tmp_path):
+@pytest.mark.parametrize("m", MAE_ONLY, ids=["mae.py"])
+def test_unreadable_and_odd_images_are_handled_in_a_real_run(m, tmp_path):
     data = tmp_path / "data"
     write_images(data, 15)                                  # 20 files, batch 4: every file is read
     (data / "corrupt.jpg").write_bytes(b"\xff\xd8 broken")
@@ -179,31 +220,31 @@ def test_unreadable_and_odd_images_are_handled_in_a_real_run(tmp_path):
     Image.fromarray(rgb[..., 0]).save(data / "grey.png")
     Image.fromarray(rgb).convert("CMYK").save(data / "cmyk.jpg")
     Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(data / "rgba.png")
-    r = run(SCRIPT, *TINY, "--data", data, "--batch_size", 4, "--epochs", 1, "--output_dir", tmp_path / "out")
+    r = run(m.script, *tiny(m), "--data", data, "--batch_size", 4, "--epochs", 1, "--output_dir", tmp_path / "out")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "corrupt.jpg" in r.stderr and "truncated.png" in r.stderr and "Traceback" not in r.stderr
     for name in ("grey.png", "cmyk.jpg", "rgba.png"):
         assert name not in r.stderr                                                 # read, not skipped
 
 
-def test_mixed_precision_on_cpu_and_switching_it_on_resume(tmp_path):
+def test_mixed_precision_on_cpu_and_switching_it_on_resume(m, tmp_path):
     """bf16 autocast needs no loss scaling; fp16 runs through a GradScaler, whose state is saved.
     A bf16 checkpoint (no scaler state) resumes under fp16."""
-    args = [*TINY, "--builtin_images", 32, "--batch_size", 8, "--log_every", 1, "--output_dir", tmp_path]
-    r = run(SCRIPT, *args, "--epochs", 1, "--amp", "bf16")
+    args = [*tiny(m), "--builtin_images", 32, "--batch_size", 8, "--log_every", 1, "--output_dir", tmp_path]
+    r = run(m.script, *args, "--epochs", 1, "--amp", "bf16")
     assert r.returncode == 0, r.stderr[-2000:]
     assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["scaler"] == {}
-    r = run(SCRIPT, *args, "--epochs", 2, "--amp", "fp16", "--resume", "auto")
+    r = run(m.script, *args, "--epochs", 2, "--amp", "fp16", "--resume", "auto")
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["scaler"]["scale"] > 0
     assert all(np.isfinite(e["loss"]) for e in log_lines(tmp_path)) and len(log_lines(tmp_path)) == 8
 
 
-def test_compile_trains_like_eager_and_saves_plain_keys(tmp_path):
-    args = [*TINY, "--epochs", 1, "--builtin_images", 16, "--batch_size", 8, "--lr", "1e-3", "--log_every", 1]
-    eager = run(SCRIPT, *args, "--output_dir", tmp_path / "eager")
-    compiled = run(SCRIPT, *args, "--compile", "--output_dir", tmp_path / "compiled")
+def test_compile_trains_like_eager_and_saves_plain_keys(m, tmp_path):
+    args = [*tiny(m), "--epochs", 1, "--builtin_images", 16, "--batch_size", 8, "--lr", "1e-3", "--log_every", 1]
+    eager = run(m.script, *args, "--output_dir", tmp_path / "eager")
+    compiled = run(m.script, *args, "--compile", "--output_dir", tmp_path / "compiled")
     assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
     a, b = weights(tmp_path / "eager" / "checkpoint-last.pth"), weights(tmp_path / "compiled" / "checkpoint-last.pth")
     assert a.keys() == b.keys()                                                     # no "_orig_mod." prefixes
