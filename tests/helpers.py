@@ -141,3 +141,16 @@ def shapes_batch(n, size):
     ds = BuiltinShapes(n, size)
     imgs = torch.stack([torch.from_numpy(np.array(ds[i][0])).permute(2, 0, 1) for i in range(n)]) / 255
     return (imgs - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def train_on_one_batch(model, imgs, noise, steps=30, lr=1e-3):
+    """AdamW (the pre-training betas) on one fixed batch and noise; returns the loss of each step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95))
+    losses = []
+    for _ in range(steps):
+        loss, _, _ = model(imgs, 0.75, noise)
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return losses

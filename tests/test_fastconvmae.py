@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import convmae
-from common import unpatchify
+from common import patchify, unpatchify
 from fastconvmae import MODELS, MaskedAutoencoderConvViT, complementary_masking
-from helpers import assert_matches_golden, load_golden, shapes_batch
+from helpers import assert_matches_golden, load_golden, shapes_batch, train_on_one_batch
 from test_convmae import official_base_keys, our_config
 
 
@@ -117,14 +117,7 @@ def test_tiny_is_tiny_and_loss_falls_on_a_fixed_batch():
     model = MODELS["fastconvmae_convvit_tiny"](norm_pix_loss=False)
     assert sum(p.numel() for p in model.parameters()) < 5e6
     imgs, noise = shapes_batch(8, 32), torch.rand(8, 16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
-    losses = []
-    for _ in range(30):
-        loss, _, _ = model(imgs, 0.75, noise)
-        losses.append(loss.item())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    losses = train_on_one_batch(model, imgs, noise)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
@@ -132,7 +125,6 @@ def test_pred_to_pixels_inverts_norm_pix_for_every_view():
     torch.manual_seed(0)
     model = MODELS["fastconvmae_convvit_tiny"](norm_pix_loss=True)
     imgs = torch.randn(2, 3, 32, 32)
-    from common import patchify
     t = patchify(imgs, 8)
     normalised = ((t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5).repeat(4, 1, 1)
     assert model.forward_loss(imgs, normalised, torch.ones(8, 16)).item() < 1e-10

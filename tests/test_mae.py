@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from common import patchify, unpatchify
-from helpers import assert_matches_golden
+from helpers import assert_matches_golden, train_on_one_batch
 from mae import MODELS, MaskedAutoencoderViT, load_pretrained, random_masking
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "mae_tiny.pt")
@@ -166,14 +166,7 @@ def test_loss_falls_on_a_fixed_batch():
     torch.manual_seed(0)
     model = MODELS["mae_vit_tiny"](norm_pix_loss=True)
     imgs, noise = torch.randn(8, 3, 32, 32), torch.rand(8, 64)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
-    losses = []
-    for _ in range(30):
-        loss, _, _ = model(imgs, 0.75, noise)
-        losses.append(loss.item())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    losses = train_on_one_batch(model, imgs, noise)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
