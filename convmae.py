@@ -2,10 +2,11 @@
 
 Two stages of convolution blocks at 1/4 and 1/8 resolution feed a transformer stage at 1/16;
 one random mask drawn on the 1/16 grid (75 %, as MAE) is upsampled to the convolution stages,
-whose 5x5 depthwise convolutions see only visible positions ("masked convolution", §3.2), so
+whose 5x5 depthwise convolutions see only visible positions ("masked convolution"), so
 the transformer stage can drop the hidden tokens exactly as MAE does. The stage-1 and stage-2
-outputs are strided down to 1/16 and added to the visible tokens (multi-scale fusion, §3.3);
-an MAE decoder predicts the pixels of hidden 16x16 patches.
+outputs are strided down to 1/16 and added to the visible tokens (multi-scale fusion);
+an MAE decoder predicts the pixels of hidden 16x16 patches. Here the convolution stages
+compute the visible units only, as tiles: the official numbers at a quarter of the work.
 
 Paper: Gao et al., "ConvMAE: Masked Convolution Meets Masked Autoencoders", NeurIPS 2022,
 https://arxiv.org/abs/2205.03892. Official code: https://github.com/Alpha-VL/ConvMAE.
@@ -90,13 +91,15 @@ class CMlp(nn.Module):
 
 
 class CBlock(nn.Module):
-    """Convolution block of stages 1-2 (§3.1): a 5x5 depthwise convolution between two 1x1
-    convolutions takes the place of self-attention (hence its official name `attn`).
+    """Convolution block of stages 1-2 (the hybrid encoder): a 5x5 depthwise convolution between
+    two 1x1 convolutions takes the place of self-attention (hence its official name `attn`).
 
-    With `visible` [N, H, W, 1] (1 = visible) it is the masked convolution of §3.2: hidden
-    positions are zeroed right before the only operator that mixes positions, so no hidden
-    pixel reaches a visible position. (Hidden positions do receive visible features; the
-    transformer stage never reads them.)
+    x is either whole maps [N, H, W, C], or, in masked pre-training, the visible units' tiles
+    [N*K, s, s, C] with `units` = (ids [N, K], grid). Every operator but the depthwise convolution
+    acts position by position, so it runs on the visible positions only; the depthwise
+    convolution sees the tiles pasted in place on a zero canvas. That is the paper's masked
+    convolution (zeroing hidden positions before the only operator that mixes positions), with
+    the work on hidden positions, which nothing reads, left out.
     """
 
     def __init__(self, dim, mlp_ratio=4.0, drop_path=0.0):
@@ -109,11 +112,10 @@ class CBlock(nn.Module):
         self.mlp = CMlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
 
-    def forward(self, x, visible=None):                                 # [N, H, W, C]
+    def forward(self, x, units=None):
         h = self.conv1(self.norm1(x))
-        if visible is not None:
-            h = h * visible.to(h.dtype)
-        x = x + drop_path(self.conv2(self.attn(h)), self.drop_path, self.training)
+        h = self.attn(h) if units is None else cut_tiles(self.attn(paste_tiles(h, *units)), *units)
+        x = x + drop_path(self.conv2(h), self.drop_path, self.training)
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
@@ -176,7 +178,7 @@ def sincos_pos_embed(dim, grid_size):
     return torch.cat(halves, dim=1).float()                             # [g*g, dim]
 
 
-# --- masking (§3.2: one MAE mask on the 1/16 grid, shared by every stage) ---
+# --- block-wise masking: one MAE mask on the 1/16 grid, shared by every stage ---
 
 
 def random_masking(noise, mask_ratio):
@@ -192,11 +194,24 @@ def random_masking(noise, mask_ratio):
     return ids_shuffle[:, :len_keep], mask, ids_restore
 
 
-def visible_at(mask, grid, scale):
-    """mask [N, g*g] on the 1/16 grid -> visible [N, g*s, g*s, 1] (1 = visible) at a stage s times
-    finer: each unit becomes an s x s block, so a stage-1/2 position belongs to exactly one unit."""
-    visible = (1 - mask).view(-1, grid, grid)
-    return visible.repeat_interleave(scale, 1).repeat_interleave(scale, 2)[..., None]
+def cut_tiles(x, ids, grid):
+    """The tiles of units `ids` [N, K] of a g x g unit grid: x [N, g*s, g*s, C] -> [N*K, s, s, C].
+
+    A unit is 16x16 pixels, 4x4 stage-1 positions, 2x2 stage-2 positions: the mask upsampled
+    to a stage is a set of whole tiles, which later stages never split (their strides divide s).
+    """
+    N, H, W, C = x.shape
+    s = H // grid
+    units = x.view(N, grid, s, grid, s, C).transpose(2, 3).reshape(N, grid * grid, s, s, C)
+    return units[torch.arange(N, device=x.device)[:, None], ids].flatten(0, 1)
+
+
+def paste_tiles(tiles, ids, grid):
+    """cut_tiles undone: tiles [N*K, s, s, C] back in place on a zero canvas [N, g*s, g*s, C]."""
+    N, (s, C) = ids.shape[0], tiles.shape[-2:]
+    canvas = tiles.new_zeros(N, grid * grid, s, s, C)
+    canvas = canvas.index_put((torch.arange(N, device=ids.device)[:, None], ids), tiles.unflatten(0, ids.shape))
+    return canvas.view(N, grid, grid, s, s, C).transpose(2, 3).reshape(N, grid * s, grid * s, C)
 
 
 def gather(x, ids):
@@ -216,7 +231,7 @@ class MaskedAutoencoderConvViT(nn.Module):
         self.patch_size = p1 * p2 * p3                                  # pixels per mask unit side: 16
         if img_size % self.patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of the total stride {self.patch_size}")
-        self.grid, self.scales = img_size // self.patch_size, (p2 * p3, p3)   # stage-1/2 positions per unit side
+        self.grid = img_size // self.patch_size                         # mask units per side
         self.norm_pix_loss = norm_pix_loss
         D1, D2, D3 = embed_dim
         dpr = [drop_path_rate * i / max(sum(depth) - 1, 1) for i in range(sum(depth))]  # stochastic depth rule
@@ -226,7 +241,7 @@ class MaskedAutoencoderConvViT(nn.Module):
         self.patch_embed2 = PatchEmbed(p2, D1, D2)
         self.patch_embed3 = PatchEmbed(p3, D2, D3)
         self.patch_embed4 = nn.Linear(D3, D3)
-        self.stage1_output_decode = Conv(D1, D3, p2 * p3, stride=p2 * p3)   # multi-scale fusion (§3.3)
+        self.stage1_output_decode = Conv(D1, D3, p2 * p3, stride=p2 * p3)   # multi-scale fusion
         self.stage2_output_decode = Conv(D2, D3, p3, stride=p3)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, D3), requires_grad=False)
         self.blocks1 = nn.ModuleList([CBlock(D1, mlp_ratio[0], dpr[i]) for i in range(depth[0])])
@@ -260,37 +275,34 @@ class MaskedAutoencoderConvViT(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def _conv_stages(self, imgs, mask=None):
-        """Stages 1 and 2, masked when `mask` [N, L] is given, and the stage-3 embedding.
-
-        imgs [N, 3, H, W] -> tokens [N, L, D] (position added), stage-1 map [N, H/4, W/4, D1],
-        stage-2 map [N, H/8, W/8, D2].
-        """
+    def _conv_stages(self, imgs, ids=None, fuse=True):
+        """Stages 1-2 and the stage-3 embedding, on the units `ids` [N, K] only (masked, K visible
+        units each) or on all L units. imgs [N, 3, H, W] -> tokens [N, K or L, D] with their
+        positions, and (if fuse) the multi-scale features of the same units [N, K or L, D]."""
         if imgs.shape[-2:] != (self.grid * self.patch_size,) * 2:
             raise ValueError(f"images are {tuple(imgs.shape[-2:])}, this model was built for "
                              f"{self.grid * self.patch_size} px (pass img_size= to the builder)")
-        vis1, vis2 = (None, None) if mask is None else (visible_at(mask, self.grid, s) for s in self.scales)
-        x = self.patch_embed1(imgs.permute(0, 2, 3, 1))                 # [N, H/4, W/4, D1]
+        x, units, pos = imgs.permute(0, 2, 3, 1), None, self.pos_embed  # [N, H, W, 3]
+        if ids is not None:                                             # the visible units' pixels
+            x, units, pos = cut_tiles(x, ids, self.grid), (ids, self.grid), self.pos_embed[0, ids]
+        x = self.patch_embed1(x)                                        # [N*K, 4, 4, D1] or [N, H/4, W/4, D1]
         for blk in self.blocks1:
-            x = blk(x, vis1)
+            x = blk(x, units)
         stage1 = x
-        x = self.patch_embed2(x)                                        # [N, H/8, W/8, D2]
+        x = self.patch_embed2(x)                                        # [N*K, 2, 2, D2] or [N, H/8, W/8, D2]
         for blk in self.blocks2:
-            x = blk(x, vis2)
-        tokens = self.patch_embed4(self.patch_embed3(x).flatten(1, 2))  # [N, L, D]
-        return tokens + self.pos_embed, stage1, x
-
-    def _fused(self, stage1, stage2):
-        """Multi-scale fusion (§3.3): stage-1/2 maps strided to the 1/16 grid, [N, L, D]."""
-        return (self.stage1_output_decode(stage1) + self.stage2_output_decode(stage2)).flatten(1, 2)
+            x = blk(x, units)
+        fused = self.stage1_output_decode(stage1) + self.stage2_output_decode(x) if fuse else None
+        x = self.patch_embed4(self.patch_embed3(x))                     # [N*K, 1, 1, D] or [N, H/16, W/16, D]
+        N, D = imgs.shape[0], x.shape[-1]
+        return x.reshape(N, -1, D) + pos, fused.reshape(N, -1, D) if fuse else None
 
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         """imgs [N, 3, H, W] -> latent [N, L_keep, D], mask [N, L], ids_restore [N, L]."""
         if noise is None:
             noise = torch.rand(imgs.shape[0], self.grid ** 2, device=imgs.device)
         ids_keep, mask, ids_restore = random_masking(noise, mask_ratio)
-        x, stage1, stage2 = self._conv_stages(imgs, mask)
-        x, fused = gather(x, ids_keep), gather(self._fused(stage1, stage2), ids_keep)  # [N, L_keep, D]
+        x, fused = self._conv_stages(imgs, ids_keep)                    # [N, L_keep, D]: visible units only
         for blk in self.blocks3:                                        # MAE §3: visible tokens only
             x = blk(x)
         return self.norm(x + fused), mask, ids_restore
@@ -324,7 +336,7 @@ class MaskedAutoencoderConvViT(nn.Module):
         """The encoder on all units, as the official fine-tuning model (models_convvit.py) runs it:
         no masking, no multi-scale fusion, no `norm` (it pools, then applies its own fc_norm).
         imgs [N, 3, H, W] -> [N, L, D]."""
-        x, _, _ = self._conv_stages(imgs)
+        x, _ = self._conv_stages(imgs, fuse=False)
         for blk in self.blocks3:
             x = blk(x)
         return x
@@ -380,7 +392,7 @@ def get_args(argv=None):
                                                 "none: the built-in data set")
     p.add_argument("--builtin_images", type=int, default=4096, help="size of the built-in data set (no --data)")
     p.add_argument("--input_size", type=int, default=None, help="image size; default: the model's (224, tiny: 32)")
-    p.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of 16x16 units hidden (§4: 75 %%)")
+    p.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of 16x16 units hidden (paper: 75 %%, as MAE)")
     p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
                    help="per-patch normalised pixel targets (PRETRAIN.md recipe)")
     # optimisation (PRETRAIN.md: AdamW, blr 1.5e-4, 128 per GPU, wd 0.05, cosine, 40 warmup epochs, 1600 epochs)
