@@ -154,3 +154,23 @@ def train_on_one_batch(model, imgs, noise, steps=30, lr=1e-3):
         optimizer.step()
         optimizer.zero_grad()
     return losses
+
+
+def assert_init_is_official(build, g):
+    """build() after torch.manual_seed(0), as the fixture script seeded the official model: same
+    construction order and init give every tensor, fixed position embeddings included, bit for bit."""
+    torch.manual_seed(0)
+    ours = build().state_dict()
+    assert ours.keys() == g["state_dict"].keys()
+    for k in ours:
+        assert torch.equal(ours[k], g["state_dict"][k]), k
+
+
+def vit_block_keys(prefix, D):
+    """Keys and shapes of one timm-0.3.2 ViT block (mlp ratio 4), as the official models name them."""
+    return {f"{prefix}.norm1.weight": [D], f"{prefix}.norm1.bias": [D],
+            f"{prefix}.attn.qkv.weight": [3 * D, D], f"{prefix}.attn.qkv.bias": [3 * D],
+            f"{prefix}.attn.proj.weight": [D, D], f"{prefix}.attn.proj.bias": [D],
+            f"{prefix}.norm2.weight": [D], f"{prefix}.norm2.bias": [D],
+            f"{prefix}.mlp.fc1.weight": [4 * D, D], f"{prefix}.mlp.fc1.bias": [4 * D],
+            f"{prefix}.mlp.fc2.weight": [D, 4 * D], f"{prefix}.mlp.fc2.bias": [D]}

@@ -4,16 +4,8 @@ import torch
 
 from common import patchify, unpatchify
 from convmae import MODELS, MaskedAutoencoderConvViT, cut_tiles, gather, load_pretrained, paste_tiles, random_masking
-from helpers import assert_matches_golden, load_golden, shapes_batch, train_on_one_batch
-
-
-def vit_block(prefix, D):
-    return {f"{prefix}.norm1.weight": [D], f"{prefix}.norm1.bias": [D],
-            f"{prefix}.attn.qkv.weight": [3 * D, D], f"{prefix}.attn.qkv.bias": [3 * D],
-            f"{prefix}.attn.proj.weight": [D, D], f"{prefix}.attn.proj.bias": [D],
-            f"{prefix}.norm2.weight": [D], f"{prefix}.norm2.bias": [D],
-            f"{prefix}.mlp.fc1.weight": [4 * D, D], f"{prefix}.mlp.fc1.bias": [4 * D],
-            f"{prefix}.mlp.fc2.weight": [D, 4 * D], f"{prefix}.mlp.fc2.bias": [D]}
+from helpers import (assert_init_is_official, assert_matches_golden, load_golden, shapes_batch, train_on_one_batch,
+                     vit_block_keys)
 
 
 def conv_block(prefix, C):
@@ -45,9 +37,9 @@ def official_base_keys():
         keys.update(conv_block(f"blocks1.{i}", 256))
         keys.update(conv_block(f"blocks2.{i}", 384))
     for i in range(11):
-        keys.update(vit_block(f"blocks3.{i}", 768))
+        keys.update(vit_block_keys(f"blocks3.{i}", 768))
     for i in range(8):
-        keys.update(vit_block(f"decoder_blocks.{i}", 512))
+        keys.update(vit_block_keys(f"decoder_blocks.{i}", 512))
     return keys
 
 
@@ -77,11 +69,7 @@ def golden():
 def test_init_is_the_official_init_bit_for_bit(golden):
     """Same seed, same construction order: every tensor equals the official model's."""
     g, _ = golden
-    torch.manual_seed(0)                                                            # as the fixture script
-    ours = MaskedAutoencoderConvViT(**our_config(g)).state_dict()
-    assert ours.keys() == g["state_dict"].keys()
-    for k in ours:
-        assert torch.equal(ours[k], g["state_dict"][k]), k
+    assert_init_is_official(lambda: MaskedAutoencoderConvViT(**our_config(g)), g)
 
 
 @pytest.mark.parametrize("case, norm_pix", [("pix", False), ("norm_pix", True)])

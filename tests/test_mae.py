@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from common import patchify, unpatchify
-from helpers import assert_matches_golden, train_on_one_batch
+from helpers import assert_init_is_official, assert_matches_golden, train_on_one_batch, vit_block_keys
 from mae import MODELS, MaskedAutoencoderViT, load_pretrained, random_masking
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "mae_tiny.pt")
@@ -13,22 +13,15 @@ GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "mae_tiny.pt")
 
 def official_base_keys():
     """Keys and shapes of the official mae_vit_base_patch16 (models_mae.py), from ../shared/methods/mae.md."""
-    def block(prefix, D):
-        return {f"{prefix}.norm1.weight": [D], f"{prefix}.norm1.bias": [D],
-                f"{prefix}.attn.qkv.weight": [3 * D, D], f"{prefix}.attn.qkv.bias": [3 * D],
-                f"{prefix}.attn.proj.weight": [D, D], f"{prefix}.attn.proj.bias": [D],
-                f"{prefix}.norm2.weight": [D], f"{prefix}.norm2.bias": [D],
-                f"{prefix}.mlp.fc1.weight": [4 * D, D], f"{prefix}.mlp.fc1.bias": [4 * D],
-                f"{prefix}.mlp.fc2.weight": [D, 4 * D], f"{prefix}.mlp.fc2.bias": [D]}
     keys = {"cls_token": [1, 1, 768], "pos_embed": [1, 197, 768], "patch_embed.proj.weight": [768, 3, 16, 16],
             "patch_embed.proj.bias": [768], "norm.weight": [768], "norm.bias": [768],
             "mask_token": [1, 1, 512], "decoder_pos_embed": [1, 197, 512], "decoder_embed.weight": [512, 768],
             "decoder_embed.bias": [512], "decoder_norm.weight": [512], "decoder_norm.bias": [512],
             "decoder_pred.weight": [768, 512], "decoder_pred.bias": [768]}
     for i in range(12):
-        keys.update(block(f"blocks.{i}", 768))
+        keys.update(vit_block_keys(f"blocks.{i}", 768))
     for i in range(8):
-        keys.update(block(f"decoder_blocks.{i}", 512))
+        keys.update(vit_block_keys(f"decoder_blocks.{i}", 512))
     return keys
 
 
@@ -63,11 +56,7 @@ def golden():
 def test_init_is_the_official_init_bit_for_bit(golden):
     """Same seed, same construction order: every tensor, pos embeds included, equals the official."""
     g, cfg = golden
-    torch.manual_seed(0)                                                            # as the fixture script
-    ours = MaskedAutoencoderViT(**cfg).state_dict()
-    assert ours.keys() == g["state_dict"].keys()
-    for k in ours:
-        assert torch.equal(ours[k], g["state_dict"][k]), k
+    assert_init_is_official(lambda: MaskedAutoencoderViT(**cfg), g)
 
 
 @pytest.mark.parametrize("case, norm_pix", [("pix", False), ("norm_pix", True)])
