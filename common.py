@@ -142,12 +142,15 @@ def load_images(data, split="train", size=224, builtin_length=4096):
     return ImageFiles(sub if os.path.isdir(sub) else data)
 
 
-# --- pre-training input pipeline (MAE §4, main_pretrain.py) ---
+# --- pre-training input pipeline (MAE §4, main_pretrain.py; SimMIM's crop differs) ---
+
+BICUBIC, BILINEAR = transforms.InterpolationMode.BICUBIC, transforms.InterpolationMode.BILINEAR
 
 
-def pretrain_transform(size):
+def pretrain_transform(size, scale=(0.2, 1.0), interpolation=BICUBIC):
+    """Random-resized crop, flip, ImageNet normalisation; MAE's crop by default."""
     return transforms.Compose([
-        transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(size, scale=scale, interpolation=interpolation),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -188,13 +191,15 @@ class EpochSampler(DistributedSampler):
         return max(self.num_samples - self.skip_batches * self.batch_size, 0)
 
 
-def pretrain_loader(images, size, batch_size, mask_units, seed=0, rank=0, world_size=1, num_workers=4):
+def pretrain_loader(images, size, batch_size, mask_units, seed=0, rank=0, world_size=1, num_workers=4,
+                    transform=None):
     """Loader of (imgs [B, 3, size, size], noise [B, mask_units]) batches for this rank.
 
     Call `loader.sampler.set_epoch(epoch)` each epoch; set `loader.sampler.skip_batches` to resume
     mid-epoch. `len(loader)` is the number of full batches per epoch (drop_last).
+    `transform`: default `pretrain_transform(size)`, MAE's.
     """
-    samples = SeededSamples(images, pretrain_transform(size), seed, mask_units)
+    samples = SeededSamples(images, transform or pretrain_transform(size), seed, mask_units)
     sampler = EpochSampler(samples, world_size, rank, seed, batch_size)
     if len(sampler) < batch_size:
         raise ValueError(f"--batch_size {batch_size}: larger than the {len(sampler)} images each of "
