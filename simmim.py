@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from common import BILINEAR, IMAGENET_MEAN, IMAGENET_STD, load_images, pretrain_loader, pretrain_transform, set_lr, cosine_lr
+from common import (BILINEAR, IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_images, pretrain_loader, pretrain_transform,
+                    set_lr)
 
 # Conventions: N batch, L mask units (32x32 px), D width, p encoder patch size, s mask patch size.
 # mask: 1 = hidden, 0 = visible. Parameter names follow the official models (timm 0.3-era names).
@@ -394,10 +395,8 @@ def random_mask(noise, mask_ratio):
 
 
 class SimMIM(nn.Module):
-    def __init__(self, encoder="vit", mask_patch_size=32, norm_pix_loss=False, **encoder_kwargs):
+    def __init__(self, encoder="vit", mask_patch_size=32, **encoder_kwargs):
         super().__init__()
-        if norm_pix_loss:
-            raise ValueError("SimMIM predicts raw (normalised) pixels; norm_pix_loss is for MAE-style methods")
         build = {"vit": VisionTransformerForSimMIM, "swin": SwinTransformerForSimMIM}[encoder]
         self.encoder = build(**encoder_kwargs)
         p, img_size = self.encoder.patch_size, self.encoder.grid * self.encoder.patch_size
@@ -454,3 +453,353 @@ MODELS = {
     "simmim_swin_tiny": partial(SimMIM, encoder="swin", img_size=32, patch_size=2, embed_dim=32, depths=(2, 2),
                                 num_heads=(2, 4), window_size=4, mask_patch_size=8),
 }
+
+
+def load_pretrained(model, checkpoint):
+    """Load an official (or our) SimMIM pre-training checkpoint, a path or a state_dict.
+
+    A full pre-training state_dict (the official releases, our checkpoints) loads strictly.
+    One without the prediction head (`decoder.*`) loads too: every encoder key must match, and
+    the names of the absent head keys are returned (they keep their fresh init).
+    """
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True) if isinstance(checkpoint, str) else checkpoint
+    state = state.get("model", state)
+    ours = model.state_dict()
+    unexpected = sorted(set(state) - set(ours))
+    missing = sorted(set(ours) - set(state))
+    encoder_missing = [k for k in missing if not k.startswith("decoder.")]
+    if unexpected or encoder_missing:
+        raise ValueError(f"checkpoint does not fit {type(model).__name__}: unexpected {unexpected[:5]}, "
+                         f"missing {encoder_missing[:5]} (a fine-tuned classifier? use finetune.py)")
+    model.load_state_dict(state, strict=not missing)
+    return missing
+
+
+# --- arguments (defaults: the 800-epoch configs: ViT-B at 224 px, Swin-B at 192 px) ---
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="SimMIM pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="simmim_vit_base_patch16", help=f"one of: {', '.join(MODELS)}")
+    p.add_argument("--data", default=None, help="image folder (DIR/train/<class>/*, DIR/<class>/* or flat); "
+                                                "none: the built-in data set")
+    p.add_argument("--builtin_images", type=int, default=4096, help="size of the built-in data set (no --data)")
+    p.add_argument("--input_size", type=int, default=None, help="image size; default: the model's (ViT 224, Swin 192, tiny 32)")
+    p.add_argument("--mask_ratio", type=float, default=0.6, help="fraction of 32x32 units hidden (§4.1: 60 %%)")
+    # optimisation (configs: AdamW (0.9, 0.999), blr 1e-4, batch 2048, wd 0.05, 10 warmup epochs from
+    # warmup_lr, x0.1 at epoch 700 of 800, grad clip 5; the 100-epoch Swin config: blr 2e-4, cosine)
+    p.add_argument("--epochs", type=int, default=800)
+    p.add_argument("--warmup_epochs", type=int, default=10)
+    p.add_argument("--batch_size", type=int, default=128, help="per process; effective = batch_size x accum_iter x processes")
+    p.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--blr", type=float, default=1e-4, help="base lr: lr = blr x effective batch / 512 (SimMIM's rule)")
+    p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
+    p.add_argument("--warmup_lr", type=float, default=5e-7, help="lr at the start of warmup, scaled as --blr")
+    p.add_argument("--min_lr", type=float, default=5e-6, help="cosine schedule's final lr, scaled as --blr")
+    p.add_argument("--schedule", choices=["multistep", "cosine"], default="multistep",
+                   help="after warmup: x0.1 at each --milestones epoch, or cosine to --min_lr")
+    p.add_argument("--milestones", type=int, nargs="*", default=[700], help="multistep: epochs where lr drops x0.1")
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--clip_grad", type=float, default=5.0, help="max grad norm (the configs: 5)")
+    # system
+    p.add_argument("--output_dir", default=None, help="default: output/<model>")
+    p.add_argument("--resume", default="", help="checkpoint path, or 'auto' for output_dir/checkpoint-last.pth if present")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data workers per process")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--save_every", type=int, default=20, help="keep a copy of the checkpoint every N epochs")
+    p.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts."""
+    if args.model not in MODELS:
+        sys.exit(f"error: --model {args.model} is unknown; choose one of: {', '.join(MODELS)}")
+    for flag in ("epochs", "batch_size", "accum_iter", "save_every", "log_every", "builtin_images"):
+        if getattr(args, flag) <= 0:
+            sys.exit(f"error: --{flag} must be a positive integer, got {getattr(args, flag)}")
+    if args.warmup_epochs < 0 or args.num_workers < 0:
+        sys.exit("error: --warmup_epochs and --num_workers must be >= 0")
+    if not 0.0 < args.mask_ratio < 1.0:
+        sys.exit(f"error: --mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    defaults = MODELS[args.model].keywords
+    unit = defaults.get("mask_patch_size", 32)                          # the mask's grid, in pixels
+    args.input_size = defaults["img_size"] if args.input_size is None else args.input_size
+    if args.input_size <= 0 or args.input_size % unit:
+        sys.exit(f"error: --input_size {args.input_size} is not a positive multiple of {args.model}'s mask patch "
+                 f"size {unit}; try {max(args.input_size // unit, 1) * unit}")
+    try:
+        with torch.device("meta"):                                      # shapes only: Swin's windows must tile
+            MODELS[args.model](img_size=args.input_size)
+    except ValueError as e:
+        sys.exit(f"error: --input_size {args.input_size}: {e}")
+    args.output_dir = args.output_dir or os.path.join("output", args.model)
+
+
+# --- training (main_pretrain.py + engine_pretrain.py) ---
+
+
+def save_checkpoint(state, path):
+    """Atomic and durable: a crash mid-write, even of the machine, leaves the previous file intact."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_training_state(path, model, optimizer, scaler, args, epoch, batch_in_epoch):
+    """Every rank calls this (each rank's RNG streams are gathered); rank 0 writes."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rngs = [rng]
+    if dist.is_initialized():
+        rngs = [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, rng)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                         "world_size": len(rngs), "args": vars(args), "rng": rngs}, path)
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: no weight decay on biases and norms (1-D), tokens, and (Swin, as the
+    official) relative position bias tables."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        skip = p.ndim <= 1 or name.endswith("_token") or any(k in name for k in model.no_decay_keywords)
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def any_rank(flag, group=None):
+    """True on every rank if `flag` is true on any: ranks must take the same branch around collectives."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
+def load_checkpoint(path, model_name):
+    if not os.path.isfile(path):
+        sys.exit(f"error: --resume {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        sys.exit(f"error: --resume {path}: not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or ckpt.get("args", {}).get("model") != model_name:
+        found = ckpt.get("args", {}).get("model", "no model name") if isinstance(ckpt, dict) else "not a dict"
+        sys.exit(f"error: --resume {path} is not a {model_name} training checkpoint ({found}); "
+                 f"pass --model to match it or start a new --output_dir")
+    return ckpt
+
+
+def lr_at(epoch, args):
+    """Linear warmup from warmup_lr, then x0.1 at each milestone (the 800-epoch configs) or
+    cosine to min_lr (the 100-epoch config); `epoch` is fractional."""
+    if epoch < args.warmup_epochs:
+        return args.warmup_lr + (args.lr - args.warmup_lr) * epoch / args.warmup_epochs
+    if args.schedule == "cosine":
+        return cosine_lr(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
+    return args.lr * 0.1 ** sum(epoch >= m for m in args.milestones)
+
+
+@torch.no_grad()
+def save_reconstruction(model, imgs, noise, mask_ratio, path):
+    """One row per image: original | masked | reconstruction | reconstruction with visible patches pasted."""
+    model.eval()
+    _, pred, mask = model(imgs, mask_ratio, noise)
+    model.train()
+    s, g = model.mask_patch_size, model.grid
+    hidden = mask.view(-1, g, g).repeat_interleave(s, 1).repeat_interleave(s, 2)[:, None].cpu()  # [N, 1, H, W]
+    std, mean = torch.tensor(IMAGENET_STD).view(3, 1, 1), torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    orig = imgs.cpu() * std + mean                                     # back to [0, 1] pixels
+    recon = pred.float().cpu() * std + mean                            # raw pixels: nothing to undo
+    columns = [orig, orig * (1 - hidden) + 0.5 * hidden, recon, orig * (1 - hidden) + recon * hidden]
+    grid = torch.stack(columns, dim=1).flatten(0, 1)                    # [4N, 3, H, W], row by row
+    save_image(grid.clamp(0, 1), path, nrow=4, padding=1)
+
+
+def main(args):
+    # 1. setup distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    distributed = world_size > 1
+    if distributed:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    if amp != "none" and device.type == "cpu":
+        log(f"warning: --amp {amp} on CPU is fast only on CPUs with native {amp} matmuls; --amp none is the default")
+
+    # 2. seed: per rank, for anything drawn outside the data pipeline (drop path, in SimMIM's ViT)
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+
+    # 3. data: each sample's crop, flip and masking noise are seeded by (seed, epoch, index)
+    if is_main:
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            open(os.path.join(args.output_dir, ".write-test"), "w").close()
+            os.remove(os.path.join(args.output_dir, ".write-test"))
+        except OSError as e:
+            sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
+    L = (args.input_size // MODELS[args.model].keywords.get("mask_patch_size", 32)) ** 2   # mask units
+    transform = pretrain_transform(args.input_size, scale=(0.67, 1.0), interpolation=BILINEAR)   # data_simmim.py
+    try:
+        images = load_images(args.data, "train", args.input_size, args.builtin_images)
+        loader = pretrain_loader(images, args.input_size, args.batch_size, L, args.seed, rank, world_size,
+                                 args.num_workers, transform)
+        demo = [loader.dataset[(0, i)] for i in range(min(8, len(images)))]   # fixed batch for pictures
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    demo_imgs, demo_noise = (torch.stack(t).to(device) for t in zip(*demo))
+    batches_per_epoch = len(loader) // args.accum_iter * args.accum_iter   # whole optimizer steps only
+    if batches_per_epoch == 0:
+        sys.exit(f"error: --accum_iter {args.accum_iter} exceeds the {len(loader)} batches per epoch; lower it")
+
+    # 4. model: build, optionally compile, then wrap in DDP
+    model = MODELS[args.model](img_size=args.input_size).to(device)
+    model_without_ddp = model
+    if args.compile:
+        model = torch.compile(model)
+    if distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    # 5. param groups: no weight decay on biases, norms (1-D), tokens (and Swin's bias tables)
+    groups = param_groups(model_without_ddp, args.weight_decay)
+
+    # 6. optimizer: SimMIM's linear scaling rule, lr = blr x batch / 512 (warmup and min lr alike),
+    #    AdamW betas (0.9, 0.999)
+    eff_batch = args.batch_size * args.accum_iter * world_size
+    args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 512
+    args.warmup_lr, args.min_lr = args.warmup_lr * eff_batch / 512, args.min_lr * eff_batch / 512
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), fused=device.type in ("cuda", "cpu"))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+                if amp != "none" else nullcontext())
+    log(f"{args.model} | {sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.1f} M params | "
+        f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {world_size} | lr {args.lr:.3g} | "
+        f"{batches_per_epoch // args.accum_iter} steps/epoch | amp {amp} | {device}")
+
+    # 7. schedule: warmup, then step (or cosine) decay, set before every optimizer step (below)
+    # 8. resume: model, optimizer, scaler, position in the run, RNG states
+    epoch, batch_in_epoch = 0, 0
+    path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
+    resume = path_last if args.resume == "auto" else args.resume
+    if resume and (args.resume != "auto" or os.path.isfile(path_last)):
+        ckpt = load_checkpoint(resume, args.model)
+        try:
+            model_without_ddp.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            sys.exit(f"error: --resume {resume} does not fit {args.model} at --input_size {args.input_size} "
+                     f"({str(e).strip().splitlines()[-1].strip()})")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"] and scaler.is_enabled():                      # empty unless saved by an fp16 run
+            scaler.load_state_dict(ckpt["scaler"])
+        epoch, batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
+        same_layout = (ckpt["world_size"], ckpt["args"]["batch_size"], ckpt["args"]["accum_iter"]) == \
+                      (world_size, args.batch_size, args.accum_iter)
+        if batch_in_epoch and not same_layout:                          # the position means other batches
+            log(f"warning: {resume} was saved mid-epoch by another processes x batch x accum layout; "
+                f"restarting epoch {epoch} from its start")
+            batch_in_epoch = 0
+        if ckpt["world_size"] == world_size:                            # else a new world: fresh seeds
+            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+            if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+        log(f"resumed from {resume} at epoch {epoch}, batch {batch_in_epoch}")
+    save_state = partial(save_training_state, path_last, model_without_ddp, optimizer, scaler, args)
+
+    stop = {"signal": None}                                              # SIGTERM: save at the next step
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    stop_group = dist.new_group(backend="gloo") if distributed else None  # agree on CPU: no GPU sync
+
+    # 9. loop
+    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
+    model.train()
+    while epoch < args.epochs:
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.skip_batches = batch_in_epoch
+        bar = tqdm(total=batches_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}", disable=not is_main,
+                   dynamic_ncols=True, leave=False, mininterval=0.1 if sys.stderr.isatty() else 30)  # quiet batch logs
+        loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.bool)
+        n_logged, t_log, mean_loss = 0, time.time(), float("nan")
+        for imgs, noise in itertools.islice(loader, batches_per_epoch - batch_in_epoch):
+            if batch_in_epoch % args.accum_iter == 0:
+                lr = lr_at(epoch + batch_in_epoch / batches_per_epoch, args)
+                set_lr(optimizer, lr)
+            imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
+            last_micro = (batch_in_epoch + 1) % args.accum_iter == 0
+            # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs
+            with (model.no_sync() if distributed and not last_micro else nullcontext()), autocast:
+                loss, _, _ = model(imgs, args.mask_ratio, noise)
+            scaler.scale(loss / args.accum_iter).backward()
+            loss = loss.detach().float()
+            nonfinite |= ~torch.isfinite(loss)                           # checked at log time: no sync per step
+            loss_sum += loss
+            batch_in_epoch += 1
+            bar.update()
+            if not last_micro:
+                continue
+            if args.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            n_logged += args.accum_iter
+            step = batch_in_epoch // args.accum_iter
+            stopping = any_rank(stop["signal"] is not None, stop_group)
+            if step % args.log_every == 0 or batch_in_epoch == batches_per_epoch or stopping:
+                stats = torch.stack([loss_sum / n_logged, nonfinite.float()])
+                if distributed:
+                    dist.all_reduce(stats)
+                mean_loss, bad = stats[0].item() / world_size, stats[1].item() > 0
+                if bad or not math.isfinite(mean_loss):
+                    bar.close()
+                    sys.exit(f"error: loss is {mean_loss} at epoch {epoch} step {step}; stopping without saving. "
+                             f"The last good checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
+                ips = n_logged * args.batch_size * world_size / (time.time() - t_log)
+                record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "img_per_s": round(ips, 1)}
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                if is_main:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                loss_sum.zero_(), nonfinite.zero_()
+                n_logged, t_log = 0, time.time()
+            if stopping:
+                bar.close()
+                save_state(epoch, batch_in_epoch)
+                log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
+                if distributed:
+                    dist.destroy_process_group()
+                return
+        bar.close()
+        epoch, batch_in_epoch = epoch + 1, 0
+        save_state(epoch, 0)
+        if is_main:
+            if epoch % args.save_every == 0 or epoch == args.epochs:     # a kept copy, written atomically
+                copy = os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")
+                shutil.copyfile(path_last, copy + ".tmp")
+                os.replace(copy + ".tmp", copy)
+            save_reconstruction(model_without_ddp, demo_imgs, demo_noise, args.mask_ratio,
+                                os.path.join(args.output_dir, f"recon-epoch{epoch:03d}.png"))
+            log(f"epoch {epoch}/{args.epochs} | loss {mean_loss:.4f} | {args.output_dir}")
+
+    # 10. teardown
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(get_args())

@@ -16,10 +16,17 @@ from common import cosine_lr
 from helpers import (assert_same_weights, kill, last_line, log_lines, run, start, wait_for, weights,
                      without_key_bias, write_images)
 
-Method = namedtuple("Method", "script tiny base")
-METHODS = [Method("mae.py", "mae_vit_tiny", "mae_vit_base_patch16"),
-           Method("convmae.py", "convmae_convvit_tiny", "convmae_convvit_base_patch16"),
-           Method("fastconvmae.py", "fastconvmae_convvit_tiny", "fastconvmae_convvit_base_patch16")]
+# pixels: the flags for plain-pixel targets; schedule: the flags that make the file's lr schedule
+# common.cosine_lr (SimMIM's default is a step decay from a nonzero warmup start)
+Method = namedtuple("Method", "script tiny base pixels schedule")
+METHODS = [Method("mae.py", "mae_vit_tiny", "mae_vit_base_patch16", ["--no-norm_pix_loss"], []),
+           Method("convmae.py", "convmae_convvit_tiny", "convmae_convvit_base_patch16", ["--no-norm_pix_loss"], []),
+           Method("fastconvmae.py", "fastconvmae_convvit_tiny", "fastconvmae_convvit_base_patch16",
+                  ["--no-norm_pix_loss"], []),
+           Method("simmim.py", "simmim_vit_tiny", "simmim_vit_base_patch16", [],
+                  ["--schedule", "cosine", "--warmup_lr", 0, "--min_lr", 0])]
+SIMMIM_SWIN = Method("simmim.py", "simmim_swin_tiny", "simmim_swin_base_w6", [],
+                     ["--schedule", "cosine", "--warmup_lr", 0, "--min_lr", 0])
 MAE_ONLY = [METHODS[0]]                 # loop features checked once: the copies share the code line for line
 
 
@@ -29,13 +36,14 @@ def m(request):
 
 
 def tiny(m):
-    return ["--model", m.tiny, "--num_workers", "0", "--warmup_epochs", "1"]
+    return ["--model", m.tiny, "--num_workers", "0", "--warmup_epochs", "1", *m.schedule]
 
 
+@pytest.mark.parametrize("m", METHODS + [SIMMIM_SWIN], ids=[m.tiny for m in METHODS + [SIMMIM_SWIN]])
 def test_two_epochs_on_builtin_data_write_checkpoint_log_and_a_useful_picture(m, tmp_path):
     out = tmp_path / "run"
     r = run(m.script, *tiny(m), "--epochs", 2, "--builtin_images", 512, "--batch_size", 16, "--lr", "2e-3",
-            "--no-norm_pix_loss", "--log_every", 8, "--output_dir", out)   # pixel targets: no per-patch help
+            *m.pixels, "--log_every", 8, "--output_dir", out)   # pixel targets: no per-patch help
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["args"]["model"] == m.tiny and "optimizer" in ckpt
@@ -184,6 +192,8 @@ def _bad_input_cases(m, tmp_path):
     ]
     if m.script == "fastconvmae.py":                     # four equal complementary views only
         cases += [(["--mask_ratio", 0.6], "--mask_ratio 0.6"), (["--input_size", 40], "--input_size 40")]
+    if m.script == "simmim.py":                          # Swin's windows must tile every stage
+        cases += [(["--model", "simmim_swin_tiny", "--input_size", 40], "--input_size 40")]
     return cases
 
 
