@@ -86,8 +86,11 @@ def attention(x, qkv, proj, num_heads, bias):
     [B, heads, T, T]; qkv (weight, bias) as one projection."""
     B, T, D = x.shape
     q, k, v = F.linear(x, *qkv).reshape(B, T, 3, num_heads, D // num_heads).permute(2, 0, 3, 1, 4)
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))   # softmax(q k^T / sqrt(d) + bias) v
-    return proj(x.transpose(1, 2).reshape(B, T, D))
+    if x.is_cuda:                                                       # a fused kernel takes the learned bias
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+    else:          # CPU: a bias that needs grad sends SDPA to this same math, plus mask checks
+        x = ((q * (D // num_heads) ** -0.5) @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v
+    return proj(x.transpose(1, 2).reshape(B, T, D))                     # softmax(q k^T / sqrt(d) + bias) v
 
 
 # --- the ViT encoder (BEiT-style, as SimMIM's ViT-B: layer scale, a relative position bias

@@ -64,15 +64,17 @@ sys.path.insert(0, os.path.dirname(TESTS))                              # the re
 import convmae  # noqa: E402
 import fastconvmae  # noqa: E402
 import mae  # noqa: E402
+import simmim  # noqa: E402
 
-METHODS = {"mae": mae, "convmae": convmae, "fastconvmae": fastconvmae}
+METHODS = {"mae": mae, "convmae": convmae, "fastconvmae": fastconvmae, "simmim": simmim}
 FILE_OF = {name: module for module in METHODS.values() for name in module.MODELS}   # model name -> method file
 # the official class of each method, and its constructor arguments from ours
 OFFICIAL = {"mae": ("models_mae", "MaskedAutoencoderViT"),
             "convmae": ("models_convmae", "MaskedAutoencoderConvViT"),
-            "fastconvmae": ("models_fastconvmae", "MaskedAutoencoderViT")}
+            "fastconvmae": ("models_fastconvmae", "MaskedAutoencoderViT"),
+            "simmim": ("models.simmim", "SimMIM")}
+MASK_RATIOS = {"simmim": 0.6}                                          # the others: 0.75
 
-MASK_RATIO = 0.75
 AMP_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -203,15 +205,24 @@ def method(name):
 
 
 def arch(name):
-    """MODELS[name]'s keyword arguments with our class's defaults filled in."""
+    """MODELS[name]'s keyword arguments with our class's defaults filled in (SimMIM: its encoder's)."""
     builder = FILE_OF[name].MODELS[name]
-    defaults = {k: p.default for k, p in inspect.signature(builder.func).parameters.items()}
-    return {**defaults, **builder.keywords}
+    cls = builder.func
+    if method(name) == "simmim":
+        cls = {"vit": simmim.VisionTransformerForSimMIM, "swin": simmim.SwinTransformerForSimMIM}[builder.keywords["encoder"]]
+    defaults = {k: p.default for k, p in inspect.signature(cls).parameters.items()}
+    return {**defaults, "mask_patch_size": 32, **builder.keywords}
+
+
+def mask_ratio(name):
+    return MASK_RATIOS.get(method(name), 0.75)
 
 
 def units_side(name):
-    """Mask units per image side: image size / total stride."""
+    """Mask units per image side: image size / the mask's unit."""
     a = arch(name)
+    if method(name) == "simmim":
+        return a["img_size"] // a["mask_patch_size"]
     return a["img_size"] // math.prod(a["patch_size"]) if isinstance(a["patch_size"], tuple) else \
         a["img_size"] // a["patch_size"]
 
@@ -219,9 +230,10 @@ def units_side(name):
 def ours(name, args, device):
     torch.manual_seed(0)
     module = FILE_OF[name]
-    model = module.MODELS[name](norm_pix_loss=True)
+    model = module.MODELS[name](**({} if method(name) == "simmim" else {"norm_pix_loss": True}))
     fused = device.type in ("cpu", "cuda")                              # as the training loop
-    return make_contender(name, model, lambda m, imgs, noise: m(imgs, MASK_RATIO, noise)[0],
+    ratio = mask_ratio(name)
+    return make_contender(name, model, lambda m, imgs, noise: m(imgs, ratio, noise)[0],
                           module.param_groups, args, device, fused=fused)
 
 
@@ -238,18 +250,47 @@ def official_kwargs(name):
     return a
 
 
+def official_simmim(name, module):
+    """The official SimMIM (models/simmim.py) as build_simmim makes it from a config, and its loss
+    on the mask our model draws from the same noise (data_simmim.py hands it the patch-level mask)."""
+    a = arch(name)
+    shared = dict(img_size=a["img_size"], patch_size=a["patch_size"], in_chans=3, num_classes=0,
+                  embed_dim=a["embed_dim"], num_heads=a["num_heads"], mlp_ratio=a["mlp_ratio"], qkv_bias=True,
+                  drop_path_rate=a["drop_path_rate"])
+    if a["encoder"] == "vit":
+        encoder = module.VisionTransformerForSimMIM(
+            **shared, depth=a["depth"], norm_layer=partial(nn.LayerNorm, eps=1e-6), init_values=a["init_values"],
+            use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True, use_mean_pooling=False)
+        stride = a["patch_size"]
+    else:
+        encoder = module.SwinTransformerForSimMIM(**shared, depths=list(a["depths"]), window_size=a["window_size"],
+                                                  ape=False, patch_norm=True)
+        stride = a["patch_size"] * 2 ** (len(a["depths"]) - 1)
+    g, r = units_side(name), a["mask_patch_size"] // a["patch_size"]
+
+    def loss(m, imgs, noise):
+        mask = simmim.random_mask(noise, mask_ratio(name)).view(-1, g, g)
+        return m(imgs, mask.repeat_interleave(r, 1).repeat_interleave(r, 2))
+    return module.SimMIM(encoder=encoder, encoder_stride=stride), loss
+
+
 def official(name, args, device):
     if TESTS not in sys.path:
         sys.path.insert(0, TESTS)
     from official import import_official                                # tests/official.py
     module_name, class_name = OFFICIAL[method(name)]
-    cls = getattr(import_official(args.official[method(name)], module_name), class_name)
+    module = import_official(args.official[method(name)], module_name)   # shims old timm first
+    from timm.optim.optim_factory import add_weight_decay              # what main_pretrain.py uses
+    if method(name) == "simmim":
+        torch.manual_seed(0)
+        model, loss = official_simmim(name, module)
+        return make_contender(f"{name} (official)", model, loss, add_weight_decay, args, device)
+    cls = getattr(module, class_name)
     theirs = inspect.signature(cls).parameters
     kwargs = {k: v for k, v in official_kwargs(name).items() if k in theirs}   # not our drop_path_rate
     kwargs.update(norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=True)
-    from timm.optim.optim_factory import add_weight_decay              # what main_pretrain.py uses
     torch.manual_seed(0)
-    return make_contender(f"{name} (official)", cls(**kwargs), lambda m, imgs, noise: m(imgs, MASK_RATIO)[0],
+    return make_contender(f"{name} (official)", cls(**kwargs), lambda m, imgs, noise: m(imgs, mask_ratio(name))[0],
                           add_weight_decay, args, device)
 
 
