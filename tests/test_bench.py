@@ -38,7 +38,7 @@ def test_cpu_attention_flops_equal_the_explicit_matmuls():
 
 
 def test_bench_prints_a_row_per_model():
-    tiny = ["mae_vit_tiny", "convmae_convvit_tiny", "fastconvmae_convvit_tiny"]
+    tiny = ["mae_vit_tiny", "convmae_convvit_tiny", "fastconvmae_convvit_tiny", "simmim_vit_tiny", "simmim_swin_tiny"]
     r = subprocess.run([sys.executable, "tests/bench.py", "--models", *tiny, "--device", "cpu",
                         "--steps", "1", "--rounds", "1", "--warmup", "1"], capture_output=True, text=True, cwd=ROOT,
                        timeout=300)
