@@ -109,9 +109,11 @@ def last_line(text):
 # --- golden fixtures made by the official code (tests/golden/make_*_golden.py) ---
 
 def load_golden(name):
-    """(fixture, images [N, 3, H, W] float32) of tests/golden/<name>."""
+    """(fixture, images [N, 3, H, W] float32 or None) of tests/golden/<name>."""
     g = torch.load(os.path.join(ROOT, "tests", "golden", name), weights_only=True)
-    imgs = g["imgs"] if "imgs" in g else (g["imgs_uint8"] / 255 - 0.5) / 0.25   # as the script computed them
+    imgs = g.get("imgs")
+    if "imgs_uint8" in g:
+        imgs = (g["imgs_uint8"] / 255 - 0.5) / 0.25                     # as the script computed them
     return g, imgs
 
 

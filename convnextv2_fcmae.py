@@ -1,0 +1,626 @@
+"""FCMAE: pre-train a ConvNeXt V2 as a fully convolutional masked autoencoder.
+
+60 % of the image's 32x32 patches are hidden; the ConvNeXt V2 encoder (whose blocks add Global
+Response Normalisation, GRN) sees only the visible ones, as a sparse convolutional network
+would; a one-block ConvNeXt V2 decoder fills mask tokens in at hidden positions and predicts
+their pixels (MSE on normalised patches, as MAE).
+
+Paper: Woo et al., "ConvNeXt V2: Co-designing and Scaling ConvNets with Masked Autoencoders",
+CVPR 2023, https://arxiv.org/abs/2301.00808. Official code: https://github.com/facebookresearch/ConvNeXt-V2.
+The official encoder runs on MinkowskiEngine (sparse convolution, CUDA-only). The paper notes
+that sparse convolution equals dense convolution with the mask re-applied; this file is that
+dense version, exactly equivalent on visible positions (tests/test_convnextv2_fcmae.py shows it
+against a reference that computes visible positions only), and it loads the official sparse
+checkpoints by converting their layout.
+
+    python convnextv2_fcmae.py --model convnextv2_fcmae_test --epochs 5 --warmup_epochs 1   # CPU demo
+    torchrun --nproc_per_node=8 convnextv2_fcmae.py --data /imagenet --accum_iter 8   # 64 x 8 x 8 = 4096
+    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \
+        --master_port=29500 convnextv2_fcmae.py --model convnextv2_fcmae_base --data /imagenet --accum_iter 4
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from common import IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_images, patchify, pretrain_loader, set_lr, unpatchify
+
+# Conventions: N batch, L mask units (32x32 patches), C width, p = 32. mask: 1 = hidden, 0 = visible.
+# Feature maps are [N, C, H, W] between blocks (channels-last inside them, as the official dense code).
+
+# --- ConvNeXt V2 blocks (names as the official dense convnextv2.py) ---
+
+
+def drop_path(x, p, training):
+    """Stochastic depth (fine-tuning only): zero a residual branch for whole samples, rescale the rest."""
+    if not training or p == 0.0:
+        return x
+    keep = 1.0 - p
+    return x * x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of [N, C, H, W] maps (the official `channels_first` LayerNorm)."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class GRN(nn.Module):
+    """Global Response Normalisation (ConvNeXt V2 §3): each channel's L2 norm over space, divided
+    by its mean over channels, rescales the features: x + gamma * (x * Nx) + beta.
+
+    With `visible` [N, H, W, 1] it is the official sparse GRN (MinkowskiGRN), whose norm runs over
+    the visible positions of the whole batch at once, not per image: the FCMAE encoder's rule.
+    """
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    def forward(self, x, visible=None):                                 # [N, H, W, C]
+        if visible is None:
+            gx = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # [N, 1, 1, C]
+        else:
+            gx = torch.linalg.vector_norm(x * visible, dim=(0, 1, 2), keepdim=True)   # [1, 1, 1, C]
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * nx) + self.beta + x
+
+
+class Block(nn.Module):
+    """ConvNeXt V2 block: 7x7 depthwise conv, LayerNorm, 1x1 up (4C), GELU, GRN, 1x1 down, residual.
+
+    With `visible` [N, 1, H, W] it computes what the sparse block computes on visible positions:
+    the input is zero at hidden positions (the caller keeps it so), GRN takes its statistics
+    from visible positions only, and the output is zeroed again at hidden positions.
+    """
+
+    def __init__(self, dim, drop_path=0.0):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.grn = GRN(4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.drop_path = drop_path
+
+    def forward(self, x, visible=None):                                 # [N, C, H, W]
+        h = self.act(self.pwconv1(self.norm(self.dwconv(x).permute(0, 2, 3, 1))))   # [N, H, W, 4C]
+        h = self.grn(h, None if visible is None else visible.permute(0, 2, 3, 1))
+        x = x + drop_path(self.pwconv2(h).permute(0, 3, 1, 2), self.drop_path, self.training)
+        return x if visible is None else x * visible
+
+
+class ConvNeXtV2(nn.Module):
+    """The encoder: a 4x4 stem, then four stages of blocks, each after a 2x2 downsampling.
+
+    forward(imgs, mask) with mask [N, L] (1 = hidden, 32 px units) is the FCMAE encoder: the
+    stem runs densely, hidden positions are zeroed, and from there every position that
+    belongs to a hidden unit stays zero and out of every statistic, as absent sites of the
+    official sparse tensor are. The output [N, C3, H/32, W/32] is zero at hidden units.
+    """
+
+    def __init__(self, in_chans=3, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), drop_path_rate=0.0):
+        super().__init__()
+        self.downsample_layers = nn.ModuleList([nn.Sequential(nn.Conv2d(in_chans, dims[0], 4, stride=4),
+                                                              LayerNorm2d(dims[0], eps=1e-6))])
+        for i in range(3):
+            self.downsample_layers.append(nn.Sequential(LayerNorm2d(dims[i], eps=1e-6),
+                                                        nn.Conv2d(dims[i], dims[i + 1], 2, stride=2)))
+        dpr = [drop_path_rate * j / max(sum(depths) - 1, 1) for j in range(sum(depths))]
+        self.stages = nn.ModuleList([nn.Sequential(*[Block(dims[i], dpr[sum(depths[:i]) + j]) for j in range(depths[i])])
+                                     for i in range(4)])
+
+    def forward(self, imgs, mask=None):
+        x = self.downsample_layers[0](imgs)                             # [N, C0, H/4, W/4]
+        visible = None
+        if mask is not None:                                            # a 32 px unit is 8 x 8 stem positions
+            g = int(mask.shape[1] ** 0.5)
+            visible = (1 - mask).view(-1, 1, g, g).repeat_interleave(x.shape[-1] // g, 2)
+            visible = visible.repeat_interleave(x.shape[-1] // g, 3).to(x.dtype)
+            x = x * visible
+        for i, stage in enumerate(self.stages):
+            if i > 0:
+                norm, conv = self.downsample_layers[i]
+                x = norm(x)
+                if visible is not None:                                 # LayerNorm of a zero site is its bias
+                    x, visible = x * visible, visible[:, :, ::2, ::2]   # units stay whole: 2x2 windows never mix
+                x = conv(x)
+                if visible is not None:
+                    x = x * visible
+            for blk in stage:
+                x = blk(x, visible)
+        return x
+
+
+# --- masking (FCMAE §3.1: random 32x32 patches, 60 %) ---
+
+
+def random_masking(noise, mask_ratio):
+    """Keep the L_keep = int(L * (1 - mask_ratio)) units with the smallest noise (fcmae.py's rule).
+    noise [N, L] -> mask [N, L], 1 = hidden."""
+    len_keep = int(noise.shape[1] * (1 - mask_ratio))
+    return (torch.argsort(torch.argsort(noise, dim=1), dim=1) >= len_keep).float()
+
+
+# --- the model: sparse-equivalent encoder, one-block decoder with mask tokens, MAE loss ---
+
+
+class FCMAE(nn.Module):
+    def __init__(self, img_size=224, in_chans=3, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768),
+                 decoder_embed_dim=512, decoder_depth=1, patch_size=32, norm_pix_loss=False, drop_path_rate=0.0):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of the {patch_size} px mask patch")
+        self.patch_size, self.grid, self.norm_pix_loss = patch_size, img_size // patch_size, norm_pix_loss
+        self.encoder = ConvNeXtV2(in_chans, depths, dims, drop_path_rate)
+        self.proj = nn.Conv2d(dims[-1], decoder_embed_dim, 1)
+        self.mask_token = nn.Parameter(torch.zeros(1, decoder_embed_dim, 1, 1))
+        self.decoder = nn.Sequential(*[Block(decoder_embed_dim) for _ in range(decoder_depth)])
+        self.pred = nn.Conv2d(decoder_embed_dim, patch_size ** 2 * in_chans, 1)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """The weights the official FCMAE ends with. Its sparse encoder first initialises every
+        kernel and linear with a truncated normal of std .02; then FCMAE's own init runs over all
+        modules and calls timm's trunc_normal_ without a std for depthwise kernels, linears and
+        dense convolutions: those end with std 1 (cut at +-2); the downsampling convolutions keep
+        .02. Its nn.Linear layers of the dense decoder block keep PyTorch's init. Biases 0,
+        LayerNorm 1/0, GRN 0, mask token normal .02."""
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Conv2d):
+                downsample = name.startswith("encoder.downsample_layers.") and not name.endswith("0.0")
+                nn.init.trunc_normal_(m.weight.data.view(m.weight.shape[0], -1), std=0.02 if downsample else 1.0,
+                                      a=-2.0, b=2.0)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear) and name.startswith("encoder."):
+                nn.init.trunc_normal_(m.weight, std=1.0, a=-2.0, b=2.0)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward_encoder(self, imgs, mask_ratio, noise=None):
+        """imgs [N, 3, H, W] -> latent [N, C3, H/32, W/32] (zero at hidden units), mask [N, L]."""
+        if imgs.shape[-2:] != (self.grid * self.patch_size,) * 2:
+            raise ValueError(f"images are {tuple(imgs.shape[-2:])}, this model was built for "
+                             f"{self.grid * self.patch_size} px (pass img_size= to the builder)")
+        if noise is None:
+            noise = torch.randn(imgs.shape[0], self.grid ** 2, device=imgs.device)   # fcmae.py draws normal noise
+        mask = random_masking(noise, mask_ratio)
+        return self.encoder(imgs, mask), mask
+
+    def forward_decoder(self, latent, mask):
+        """latent [N, C3, g, g] -> pred [N, L, p*p*3]: mask tokens at hidden units, one dense block."""
+        x = self.proj(latent)                                           # [N, Dd, g, g]
+        hidden = mask.view(-1, 1, self.grid, self.grid).to(x.dtype)
+        x = x * (1 - hidden) + self.mask_token.to(x.dtype) * hidden
+        for blk in self.decoder:
+            x = blk(x)
+        return self.pred(x).flatten(2).transpose(1, 2)                  # [N, L, p*p*3]
+
+    def forward_loss(self, imgs, pred, mask):
+        """MAE's loss at 32 px: mean squared error over hidden units, each target patch normalised
+        by its own mean and (unbiased) variance when norm_pix_loss."""
+        target = patchify(imgs, self.patch_size)                        # [N, L, p*p*3]
+        if self.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        loss = ((pred - target) ** 2).mean(dim=-1)                      # [N, L] per unit
+        return (loss * mask).sum() / mask.sum()
+
+    def forward(self, imgs, mask_ratio=0.6, noise=None):
+        latent, mask = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, mask)
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+    def forward_features(self, imgs):
+        """The dense encoder on the whole image (the fine-tuning model's features): [N, C3, H/32, W/32]."""
+        return self.encoder(imgs)
+
+    def pred_to_pixels(self, imgs, pred):
+        """pred [N, L, p*p*3] -> images in the input's normalisation; undoes norm_pix_loss per patch."""
+        if self.norm_pix_loss:
+            target = patchify(imgs, self.patch_size)
+            pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+        return unpatchify(pred, self.patch_size)
+
+
+# --- model builders (fcmae.py: the eight paper sizes, decoder 512-d, one block) ---
+
+MODELS = {
+    "convnextv2_fcmae_atto": partial(FCMAE, depths=(2, 2, 6, 2), dims=(40, 80, 160, 320)),
+    "convnextv2_fcmae_femto": partial(FCMAE, depths=(2, 2, 6, 2), dims=(48, 96, 192, 384)),
+    "convnextv2_fcmae_pico": partial(FCMAE, depths=(2, 2, 6, 2), dims=(64, 128, 256, 512)),
+    "convnextv2_fcmae_nano": partial(FCMAE, depths=(2, 2, 8, 2), dims=(80, 160, 320, 640)),
+    "convnextv2_fcmae_tiny": partial(FCMAE, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)),
+    "convnextv2_fcmae_base": partial(FCMAE, depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)),
+    "convnextv2_fcmae_large": partial(FCMAE, depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)),
+    "convnextv2_fcmae_huge": partial(FCMAE, depths=(3, 3, 27, 3), dims=(352, 704, 1408, 2816)),
+    # for tests and CPU demos: 64 px (the total stride is 32: a 2 x 2 unit grid), one block per stage
+    "convnextv2_fcmae_test": partial(FCMAE, img_size=64, depths=(1, 1, 1, 1), dims=(16, 32, 64, 128),
+                                     decoder_embed_dim=64),
+}
+
+
+# --- official checkpoints: MinkowskiEngine layout -> ours ---
+
+
+def from_sparse_layout(state):
+    """Convert a MinkowskiEngine-layout FCMAE state_dict to this file's dense layout (utils.py's
+    remap_checkpoint_keys, keeping the `encoder.` prefix). Sparse kernels are [k*k, C_in, C_out]
+    (depthwise [k*k, C]) with the offsets in column-major order: to [C_out, C_in, k, k], then the
+    two spatial axes swapped. `.ln` / `.linear` wrappers drop out of the names; GRN [1, C] gains
+    two axes; biases [1, C] lose one."""
+    out = {}
+    for k, v in state.items():
+        parts = k.split(".")
+        if parts[-1] == "kernel":
+            ks = math.isqrt(v.shape[0])
+            if v.ndim == 3:                                             # convolution [k*k, in, out]
+                v = v.permute(2, 1, 0).reshape(v.shape[2], v.shape[1], ks, ks).transpose(3, 2)
+            else:                                                       # depthwise [k*k, C]
+                v = v.permute(1, 0).reshape(v.shape[1], 1, ks, ks).transpose(3, 2)
+            parts[-1] = "weight"
+        parts = [p for p in parts if p not in ("ln", "linear")]
+        if parts[-1] == "bias" and v.ndim != 1:
+            v = v.reshape(-1)
+        elif ".grn." in k and v.ndim == 2:
+            v = v[None, None]
+        out[".".join(parts)] = v.contiguous()
+    return out
+
+
+def is_sparse_layout(state):
+    return any(k.endswith(".kernel") or ".ln." in k or ".linear." in k for k in state)
+
+
+def load_pretrained(model, checkpoint):
+    """Load an official FCMAE checkpoint (MinkowskiEngine layout, converted) or one of ours into
+    `model`, a path or a state_dict. An official fine-tuned ConvNeXt V2 (no `encoder.` prefix)
+    loads into model.encoder (its `norm` and `head` are left out). Returns the keys of `model`
+    the checkpoint did not have."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True) if isinstance(checkpoint, str) else checkpoint
+    state = state.get("model", state)
+    if is_sparse_layout(state):
+        state = from_sparse_layout(state)
+    if not any(k.startswith("encoder.") for k in state) and any(k.startswith("stages.") for k in state):
+        state = {"encoder." + k: v for k, v in state.items() if not k.startswith(("norm.", "head."))}
+    ours = model.state_dict()
+    unexpected = sorted(set(state) - set(ours))
+    missing = sorted(set(ours) - set(state))
+    encoder_missing = [k for k in missing if k.startswith("encoder.")]
+    wrong = [k for k in set(state) & set(ours) if state[k].shape != ours[k].shape]
+    if unexpected or encoder_missing or wrong:
+        raise ValueError(f"checkpoint is neither the official FCMAE layout nor ours for {type(model).__name__} of "
+                         f"this size: unexpected {unexpected[:3]}, missing {encoder_missing[:3]}, "
+                         f"other shapes {sorted(wrong)[:3]}")
+    model.load_state_dict(state, strict=False)
+    return missing
+
+
+# --- arguments (defaults: TRAINING.md's FCMAE pre-training recipe) ---
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="ConvNeXt V2 FCMAE pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="convnextv2_fcmae_base", help=f"one of: {', '.join(MODELS)}")
+    p.add_argument("--data", default=None, help="image folder (DIR/train/<class>/*, DIR/<class>/* or flat); "
+                                                "none: the built-in data set")
+    p.add_argument("--builtin_images", type=int, default=4096, help="size of the built-in data set (no --data)")
+    p.add_argument("--input_size", type=int, default=None, help="image size; default: the model's (224, test: 64)")
+    p.add_argument("--mask_ratio", type=float, default=0.6, help="fraction of 32x32 units hidden (paper: 60 %%)")
+    p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="per-patch normalised pixel targets (TRAINING.md recipe)")
+    # optimisation (TRAINING.md: AdamW (0.9, 0.95), blr 1.5e-4, batch 4096, wd 0.05, cosine, 40 warmup, 1600 epochs)
+    p.add_argument("--epochs", type=int, default=1600)
+    p.add_argument("--warmup_epochs", type=int, default=40)
+    p.add_argument("--batch_size", type=int, default=64, help="per process; effective = batch_size x accum_iter x processes")
+    p.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr x effective batch / 256")
+    p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
+    p.add_argument("--min_lr", type=float, default=0.0)
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--clip_grad", type=float, default=None, help="max grad norm; FCMAE uses none")
+    # system
+    p.add_argument("--output_dir", default=None, help="default: output/<model>")
+    p.add_argument("--resume", default="", help="checkpoint path, or 'auto' for output_dir/checkpoint-last.pth if present")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data workers per process")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--save_every", type=int, default=20, help="keep a copy of the checkpoint every N epochs")
+    p.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts."""
+    if args.model not in MODELS:
+        sys.exit(f"error: --model {args.model} is unknown; choose one of: {', '.join(MODELS)}")
+    for flag in ("epochs", "batch_size", "accum_iter", "save_every", "log_every", "builtin_images"):
+        if getattr(args, flag) <= 0:
+            sys.exit(f"error: --{flag} must be a positive integer, got {getattr(args, flag)}")
+    if args.warmup_epochs < 0 or args.num_workers < 0:
+        sys.exit("error: --warmup_epochs and --num_workers must be >= 0")
+    if not 0.0 < args.mask_ratio < 1.0:
+        sys.exit(f"error: --mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    defaults = MODELS[args.model].keywords
+    patch = 32                                                          # the mask patch and the total stride
+    args.input_size = defaults.get("img_size", 224) if args.input_size is None else args.input_size
+    if args.input_size <= 0 or args.input_size % patch:
+        sys.exit(f"error: --input_size {args.input_size} is not a positive multiple of {args.model}'s mask patch size "
+                 f"{patch}; try {max(args.input_size // patch, 1) * patch}")
+    args.output_dir = args.output_dir or os.path.join("output", args.model)
+
+
+# --- training (main_pretrain.py + engine_pretrain.py) ---
+
+
+def save_checkpoint(state, path):
+    """Atomic and durable: a crash mid-write, even of the machine, leaves the previous file intact."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_training_state(path, model, optimizer, scaler, args, epoch, batch_in_epoch):
+    """Every rank calls this (each rank's RNG streams are gathered); rank 0 writes."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rngs = [rng]
+    if dist.is_initialized():
+        rngs = [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, rng)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                         "world_size": len(rngs), "args": vars(args), "rng": rngs}, path)
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: no weight decay on biases and norms (1-D) nor on tokens."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:                                             # fixed pos embeds are not trained
+            (no_decay if p.ndim <= 1 or name.endswith("_token") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def any_rank(flag, group=None):
+    """True on every rank if `flag` is true on any: ranks must take the same branch around collectives."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
+def load_checkpoint(path, model_name):
+    if not os.path.isfile(path):
+        sys.exit(f"error: --resume {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        sys.exit(f"error: --resume {path}: not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or ckpt.get("args", {}).get("model") != model_name:
+        found = ckpt.get("args", {}).get("model", "no model name") if isinstance(ckpt, dict) else "not a dict"
+        sys.exit(f"error: --resume {path} is not a {model_name} training checkpoint ({found}); "
+                 f"pass --model to match it or start a new --output_dir")
+    return ckpt
+
+
+@torch.no_grad()
+def save_reconstruction(model, imgs, noise, mask_ratio, path):
+    """One row per image: original | masked | reconstruction | reconstruction with visible patches pasted."""
+    model.eval()
+    _, pred, mask = model(imgs, mask_ratio, noise)
+    model.train()
+    p = model.patch_size
+    hidden = unpatchify(mask[..., None].expand(-1, -1, p * p * 3), p).cpu()  # [N, 3, H, W], 1 = hidden
+    std, mean = torch.tensor(IMAGENET_STD).view(3, 1, 1), torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    orig = imgs.cpu() * std + mean                                     # back to [0, 1] pixels
+    recon = model.pred_to_pixels(imgs, pred.float()).cpu() * std + mean
+    columns = [orig, orig * (1 - hidden) + 0.5 * hidden, recon, orig * (1 - hidden) + recon * hidden]
+    grid = torch.stack(columns, dim=1).flatten(0, 1)                    # [4N, 3, H, W], row by row
+    save_image(grid.clamp(0, 1), path, nrow=4, padding=1)
+
+
+def main(args):
+    # 1. setup distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    distributed = world_size > 1
+    if distributed:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    if amp != "none" and device.type == "cpu":
+        log(f"warning: --amp {amp} on CPU is fast only on CPUs with native {amp} matmuls; --amp none is the default")
+
+    # 2. seed: per rank, for anything drawn outside the data pipeline (nothing, in FCMAE pre-training)
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+
+    # 3. data: each sample's crop, flip and masking noise are seeded by (seed, epoch, index)
+    if is_main:
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            open(os.path.join(args.output_dir, ".write-test"), "w").close()
+            os.remove(os.path.join(args.output_dir, ".write-test"))
+        except OSError as e:
+            sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
+    L = (args.input_size // 32) ** 2                                    # mask units
+    try:
+        images = load_images(args.data, "train", args.input_size, args.builtin_images)
+        loader = pretrain_loader(images, args.input_size, args.batch_size, L, args.seed, rank, world_size,
+                                 args.num_workers)
+        demo = [loader.dataset[(0, i)] for i in range(min(8, len(images)))]   # fixed batch for pictures
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    demo_imgs, demo_noise = (torch.stack(t).to(device) for t in zip(*demo))
+    batches_per_epoch = len(loader) // args.accum_iter * args.accum_iter   # whole optimizer steps only
+    if batches_per_epoch == 0:
+        sys.exit(f"error: --accum_iter {args.accum_iter} exceeds the {len(loader)} batches per epoch; lower it")
+
+    # 4. model: build, optionally compile, then wrap in DDP
+    model = MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss).to(device)
+    model_without_ddp = model
+    if args.compile:
+        model = torch.compile(model)
+    if distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    # 5. param groups: no weight decay on biases, norms (1-D) and tokens
+    groups = param_groups(model_without_ddp, args.weight_decay)
+
+    # 6. optimizer: linear lr scaling rule (MAE §A.1: lr = blr x batch / 256), betas (0.9, 0.95)
+    eff_batch = args.batch_size * args.accum_iter * world_size
+    args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+                if amp != "none" else nullcontext())
+    log(f"{args.model} | {sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.1f} M params | "
+        f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {world_size} | lr {args.lr:.3g} | "
+        f"{batches_per_epoch // args.accum_iter} steps/epoch | amp {amp} | {device}")
+
+    # 7. schedule: the lr is set before every optimizer step from the fractional epoch (below)
+    # 8. resume: model, optimizer, scaler, position in the run, RNG states
+    epoch, batch_in_epoch = 0, 0
+    path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
+    resume = path_last if args.resume == "auto" else args.resume
+    if resume and (args.resume != "auto" or os.path.isfile(path_last)):
+        ckpt = load_checkpoint(resume, args.model)
+        try:
+            model_without_ddp.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            sys.exit(f"error: --resume {resume} does not fit {args.model} at --input_size {args.input_size} "
+                     f"({str(e).strip().splitlines()[-1].strip()})")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"] and scaler.is_enabled():                      # empty unless saved by an fp16 run
+            scaler.load_state_dict(ckpt["scaler"])
+        epoch, batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
+        same_layout = (ckpt["world_size"], ckpt["args"]["batch_size"], ckpt["args"]["accum_iter"]) == \
+                      (world_size, args.batch_size, args.accum_iter)
+        if batch_in_epoch and not same_layout:                          # the position means other batches
+            log(f"warning: {resume} was saved mid-epoch by another processes x batch x accum layout; "
+                f"restarting epoch {epoch} from its start")
+            batch_in_epoch = 0
+        if ckpt["world_size"] == world_size:                            # else a new world: fresh seeds
+            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+            if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+        log(f"resumed from {resume} at epoch {epoch}, batch {batch_in_epoch}")
+    save_state = partial(save_training_state, path_last, model_without_ddp, optimizer, scaler, args)
+
+    stop = {"signal": None}                                              # SIGTERM: save at the next step
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    stop_group = dist.new_group(backend="gloo") if distributed else None  # agree on CPU: no GPU sync
+
+    # 9. loop
+    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
+    model.train()
+    while epoch < args.epochs:
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.skip_batches = batch_in_epoch
+        bar = tqdm(total=batches_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}", disable=not is_main,
+                   dynamic_ncols=True, leave=False, mininterval=0.1 if sys.stderr.isatty() else 30)  # quiet batch logs
+        loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.bool)
+        n_logged, t_log, mean_loss = 0, time.time(), float("nan")
+        for imgs, noise in itertools.islice(loader, batches_per_epoch - batch_in_epoch):
+            if batch_in_epoch % args.accum_iter == 0:
+                lr = cosine_lr(epoch + batch_in_epoch / batches_per_epoch, args.lr, args.min_lr,
+                               args.warmup_epochs, args.epochs)
+                set_lr(optimizer, lr)
+            imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
+            last_micro = (batch_in_epoch + 1) % args.accum_iter == 0
+            # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs
+            with (model.no_sync() if distributed and not last_micro else nullcontext()), autocast:
+                loss, _, _ = model(imgs, args.mask_ratio, noise)
+            scaler.scale(loss / args.accum_iter).backward()
+            loss = loss.detach().float()
+            nonfinite |= ~torch.isfinite(loss)                           # checked at log time: no sync per step
+            loss_sum += loss
+            batch_in_epoch += 1
+            bar.update()
+            if not last_micro:
+                continue
+            if args.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            n_logged += args.accum_iter
+            step = batch_in_epoch // args.accum_iter
+            stopping = any_rank(stop["signal"] is not None, stop_group)
+            if step % args.log_every == 0 or batch_in_epoch == batches_per_epoch or stopping:
+                stats = torch.stack([loss_sum / n_logged, nonfinite.float()])
+                if distributed:
+                    dist.all_reduce(stats)
+                mean_loss, bad = stats[0].item() / world_size, stats[1].item() > 0
+                if bad or not math.isfinite(mean_loss):
+                    bar.close()
+                    sys.exit(f"error: loss is {mean_loss} at epoch {epoch} step {step}; stopping without saving. "
+                             f"The last good checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
+                ips = n_logged * args.batch_size * world_size / (time.time() - t_log)
+                record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "img_per_s": round(ips, 1)}
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                if is_main:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                loss_sum.zero_(), nonfinite.zero_()
+                n_logged, t_log = 0, time.time()
+            if stopping:
+                bar.close()
+                save_state(epoch, batch_in_epoch)
+                log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
+                if distributed:
+                    dist.destroy_process_group()
+                return
+        bar.close()
+        epoch, batch_in_epoch = epoch + 1, 0
+        save_state(epoch, 0)
+        if is_main:
+            if epoch % args.save_every == 0 or epoch == args.epochs:     # a kept copy, written atomically
+                copy = os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")
+                shutil.copyfile(path_last, copy + ".tmp")
+                os.replace(copy + ".tmp", copy)
+            save_reconstruction(model_without_ddp, demo_imgs, demo_noise, args.mask_ratio,
+                                os.path.join(args.output_dir, f"recon-epoch{epoch:03d}.png"))
+            log(f"epoch {epoch}/{args.epochs} | loss {mean_loss:.4f} | {args.output_dir}")
+
+    # 10. teardown
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(get_args())
