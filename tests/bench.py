@@ -62,18 +62,20 @@ from torch.utils.flop_counter import FlopCounterMode
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(TESTS))                              # the repo root: mae.py
 import convmae  # noqa: E402
+import convnextv2_fcmae  # noqa: E402
 import fastconvmae  # noqa: E402
 import mae  # noqa: E402
 import simmim  # noqa: E402
 
-METHODS = {"mae": mae, "convmae": convmae, "fastconvmae": fastconvmae, "simmim": simmim}
+METHODS = {"mae": mae, "convmae": convmae, "fastconvmae": fastconvmae, "simmim": simmim,
+           "convnextv2": convnextv2_fcmae}                              # the official FCMAE needs MinkowskiEngine
 FILE_OF = {name: module for module in METHODS.values() for name in module.MODELS}   # model name -> method file
 # the official class of each method, and its constructor arguments from ours
 OFFICIAL = {"mae": ("models_mae", "MaskedAutoencoderViT"),
             "convmae": ("models_convmae", "MaskedAutoencoderConvViT"),
             "fastconvmae": ("models_fastconvmae", "MaskedAutoencoderViT"),
             "simmim": ("models.simmim", "SimMIM")}
-MASK_RATIOS = {"simmim": 0.6}                                          # the others: 0.75
+MASK_RATIOS = {"simmim": 0.6, "convnextv2": 0.6}                      # the others: 0.75
 
 AMP_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -142,6 +144,20 @@ CPU_SDPA_FLOPS = {getattr(torch.ops.aten, name): fn for name, fn in [
     ("_scaled_dot_product_flash_attention_for_cpu", _sdpa_flops),
     ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_backward_flops),
 ] if hasattr(torch.ops.aten, name)}
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, *args, output_mask=None, out_shape=None, **kwargs):
+    """Each gradient the backward computes (input, weight) costs what the forward did:
+    2 x output elements x (C_in / groups) x kernel area. FlopCounterMode's own formula ignores
+    groups here and counts a depthwise convolution's backward C times over."""
+    if output_mask is None:                                              # positional, as aten passes it
+        output_mask = args[-1]
+    forward = 2 * math.prod(grad_out_shape) * math.prod(w_shape[1:])    # w_shape[1] = C_in / groups
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+# The counting this benchmark uses: the two fixes above on top of FlopCounterMode's formulas.
+FLOP_FORMULAS = {**CPU_SDPA_FLOPS, torch.ops.aten.convolution_backward: _conv_backward_flops}
 
 
 def reset_peak_memory(device):
@@ -308,7 +324,7 @@ def train_step(c, imgs, noise, autocast):
 
 def count_gflop(c, imgs, noise, autocast):
     """FLOPs of one forward + backward, on the eager model (before any torch.compile)."""
-    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
         with autocast():
             loss = c.loss(c.model, imgs, noise)
         loss.backward()

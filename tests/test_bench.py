@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import mae
-from bench import CPU_SDPA_FLOPS, official_kwargs
+from bench import CPU_SDPA_FLOPS, FLOP_FORMULAS, official_kwargs
 from helpers import ROOT
 
 
@@ -35,6 +35,23 @@ def test_cpu_attention_flops_equal_the_explicit_matmuls():
         if isinstance(module, mae.Attention):
             module.__class__ = ExplicitAttention
     assert ours == _fwd_bwd_flops(model)
+
+
+def test_depthwise_convolution_backward_counts_twice_the_forward():
+    """Gradients for input and weight, each as costly as the forward; groups respected."""
+    x = torch.randn(2, 16, 12, 12, requires_grad=True)
+    w = torch.randn(16, 1, 7, 7, requires_grad=True)
+    forward = 2 * 2 * 16 * 12 * 12 * 49
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
+        y = torch.nn.functional.conv2d(x, w, padding=3, groups=16)
+    assert counter.get_total_flops() == forward
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
+        y.sum().backward()
+    assert counter.get_total_flops() == 2 * forward
+    dense = torch.randn(8, 16, 3, 3, requires_grad=True)                           # and an ordinary conv, input frozen
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
+        torch.nn.functional.conv2d(x.detach(), dense, padding=1).sum().backward()
+    assert counter.get_total_flops() == 2 * (2 * 2 * 8 * 12 * 12 * 16 * 9)         # forward + weight gradient
 
 
 def test_bench_prints_a_row_per_model():
