@@ -62,7 +62,7 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class GRN(nn.Module):
-    """Global Response Normalisation (ConvNeXt V2 §3): each channel's L2 norm over space, divided
+    """Global Response Normalisation (ConvNeXt V2 §4): each channel's L2 norm over space, divided
     by its mean over channels, rescales the features: x + gamma * (x * Nx) + beta.
 
     With `visible` [N, H, W, 1] it is the official sparse GRN (MinkowskiGRN), whose norm runs over
@@ -150,7 +150,7 @@ class ConvNeXtV2(nn.Module):
         return x
 
 
-# --- masking (FCMAE §3.1: random 32x32 patches, 60 %) ---
+# --- masking (ConvNeXt V2 §3: random 32x32 patches, 60 %) ---
 
 
 def random_masking(noise, mask_ratio):

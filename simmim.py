@@ -203,7 +203,7 @@ class VisionTransformerForSimMIM(nn.Module):
 
     def tokens(self, imgs, mask=None, norm=True):
         x = self.patch_embed(imgs)                                      # [N, L, D]
-        if mask is not None:                                            # §3: hidden patches -> mask token
+        if mask is not None:                                            # §3.2: hidden patches -> mask token
             w = mask.flatten(1)[..., None].to(x.dtype)
             x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)   # [N, 1 + L, D]
@@ -361,7 +361,7 @@ class SwinTransformerForSimMIM(nn.Module):
 
     def tokens(self, imgs, mask=None):
         x = self.patch_embed(imgs)                                      # [N, L, D], after patch norm
-        if mask is not None:                                            # §3: hidden patches -> mask token
+        if mask is not None:                                            # §3.2: hidden patches -> mask token
             w = mask.flatten(1)[..., None].to(x.dtype)
             x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         for layer in self.layers:
@@ -380,7 +380,7 @@ def check_swin_size(img_size, patch_size, window, stages):
                              f"{stages} stages: use a multiple of {step}, e.g. {max(round(img_size / step), 1) * step}")
 
 
-# --- masking (SimMIM §3.1 and data_simmim.py: random 32x32 patches, 60 %) ---
+# --- masking (SimMIM §3.2 and data_simmim.py: random 32x32 patches, 60 %) ---
 
 
 def random_mask(noise, mask_ratio):
@@ -488,7 +488,7 @@ def get_args(argv=None):
                                                 "none: the built-in data set")
     p.add_argument("--builtin_images", type=int, default=4096, help="size of the built-in data set (no --data)")
     p.add_argument("--input_size", type=int, default=None, help="image size; default: the model's (ViT 224, Swin 192, tiny 32)")
-    p.add_argument("--mask_ratio", type=float, default=0.6, help="fraction of 32x32 units hidden (§4.1: 60 %%)")
+    p.add_argument("--mask_ratio", type=float, default=0.6, help="fraction of 32x32 units hidden (paper: 60 %%)")
     # optimisation (configs: AdamW (0.9, 0.999), blr 1e-4, batch 2048, wd 0.05, 10 warmup epochs from
     # warmup_lr, x0.1 at epoch 700 of 800, grad clip 5; the 100-epoch Swin config: blr 2e-4, cosine)
     p.add_argument("--epochs", type=int, default=800)
@@ -543,7 +543,7 @@ def check_args(args):
     args.output_dir = args.output_dir or os.path.join("output", args.model)
 
 
-# --- training (main_pretrain.py + engine_pretrain.py) ---
+# --- training (main_simmim.py) ---
 
 
 def save_checkpoint(state, path):
