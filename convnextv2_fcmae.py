@@ -345,7 +345,7 @@ def get_args(argv=None):
     p.add_argument("--resume", default="", help="checkpoint path, or 'auto' for output_dir/checkpoint-last.pth if present")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data workers per process")
-    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on CPU; the official FCMAE trains in fp32 (none)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--save_every", type=int, default=20, help="keep a copy of the checkpoint every N epochs")
     p.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
