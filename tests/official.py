@@ -133,3 +133,16 @@ def git_head(path):
                                        text=True, stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def run_case(model, module, imgs, noise, mask_ratio, norm_pix_loss, grad_params, pred_units=slice(None)):
+    """One official forward + backward on fixed noise: loss, pred (the units kept), mask, and
+    the gradients of `grad_params`. For the golden-fixture scripts."""
+    model.norm_pix_loss = norm_pix_loss
+    model.zero_grad(set_to_none=True)
+    with fixed_masking_noise(module, noise):
+        loss, pred, mask = model(imgs, mask_ratio=mask_ratio)
+    loss.backward()
+    params = dict(model.named_parameters())
+    return {"loss": loss.detach().clone(), "pred": pred[:, pred_units].detach().clone(),
+            "mask": mask.detach().clone(), "grads": {n: params[n].grad.detach().clone() for n in grad_params}}

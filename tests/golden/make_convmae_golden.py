@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from official import fixed_masking_noise, git_head, import_official  # noqa: E402  (tests/official.py)
+from official import fixed_masking_noise, git_head, import_official, run_case  # noqa: E402  (tests/official.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = dict(img_size=[224, 56, 28], patch_size=[4, 2, 2], in_chans=3, embed_dim=[16, 24, 32], depth=[2, 1, 2],
@@ -49,17 +49,6 @@ GRAD_PARAMS = [
 MAX_BYTES = 2 * 1024 * 1024
 
 
-def run_case(model, module, imgs, noise, norm_pix_loss):
-    model.norm_pix_loss = norm_pix_loss
-    model.zero_grad(set_to_none=True)
-    with fixed_masking_noise(module, noise):
-        loss, pred, mask = model(imgs, mask_ratio=MASK_RATIO)
-    loss.backward()
-    params = dict(model.named_parameters())
-    return {"loss": loss.detach().clone(), "pred": pred[:, PRED_UNITS].detach().clone(),
-            "mask": mask.detach().clone(), "grads": {n: params[n].grad.detach().clone() for n in GRAD_PARAMS}}
-
-
 def make(checkout, module_name, class_name, out):
     module = import_official(checkout, module_name)
     import timm
@@ -72,8 +61,8 @@ def make(checkout, module_name, class_name, out):
     noise = torch.rand(BATCH, 196)
     with torch.no_grad(), fixed_masking_noise(module, noise):
         latent, _, _ = model.forward_encoder(imgs, MASK_RATIO)
-    cases = {"pix": run_case(model, module, imgs, noise, False),
-             "norm_pix": run_case(model, module, imgs, noise, True)}
+    cases = {name: run_case(model, module, imgs, noise, MASK_RATIO, norm_pix, GRAD_PARAMS, PRED_UNITS)
+             for name, norm_pix in (("pix", False), ("norm_pix", True))}
     config = {**CONFIG, "decoder_depth": len(model.decoder_blocks)}    # FastConvMAE forces 8
     fixture = {"config": config, "norm_eps": NORM_EPS, "state_dict": state_dict, "imgs_uint8": imgs_uint8, "noise": noise,
                "mask_ratio": MASK_RATIO, "pred_units": [PRED_UNITS.start, PRED_UNITS.stop, PRED_UNITS.step],

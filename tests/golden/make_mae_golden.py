@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from official import fixed_masking_noise, git_head, import_official  # noqa: E402  (tests/official.py)
+from official import fixed_masking_noise, git_head, import_official, run_case  # noqa: E402  (tests/official.py)
 
 CONFIG = dict(img_size=32, patch_size=4, in_chans=3, embed_dim=64, depth=2,
               num_heads=4, decoder_embed_dim=32, decoder_depth=2,
@@ -42,21 +42,6 @@ GRAD_PARAMS = [
     "decoder_pred.bias",
 ]
 MAX_BYTES = 2 * 1024 * 1024
-
-
-def run_case(model, models_mae, imgs, noise, norm_pix_loss):
-    model.norm_pix_loss = norm_pix_loss
-    model.zero_grad(set_to_none=True)
-    with fixed_masking_noise(models_mae, noise):
-        loss, pred, mask = model(imgs, mask_ratio=MASK_RATIO)
-    loss.backward()
-    params = dict(model.named_parameters())
-    return {
-        "loss": loss.detach().clone(),
-        "pred": pred.detach().clone(),
-        "mask": mask.detach().clone(),
-        "grads": {name: params[name].grad.detach().clone() for name in GRAD_PARAMS},
-    }
 
 
 def main():
@@ -82,8 +67,8 @@ def main():
         latent, _, _ = model.forward_encoder(imgs, MASK_RATIO)
 
     cases = {
-        "pix": run_case(model, models_mae, imgs, noise, norm_pix_loss=False),
-        "norm_pix": run_case(model, models_mae, imgs, noise, norm_pix_loss=True),
+        "pix": run_case(model, models_mae, imgs, noise, MASK_RATIO, False, GRAD_PARAMS),
+        "norm_pix": run_case(model, models_mae, imgs, noise, MASK_RATIO, True, GRAD_PARAMS),
     }
 
     fixture = {
