@@ -1,6 +1,5 @@
 """convnextv2_fcmae.py: the dense model equals the sparse one on visible positions, the official
 dense block and GRN, the official checkpoint layout (converted on load), masking and learning."""
-import math
 
 import pytest
 import torch
