@@ -1,5 +1,4 @@
 """common.py: patchify order, schedule, the built-in data, folder loading, the seeded loader."""
-import math
 import os
 import warnings
 
