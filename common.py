@@ -157,7 +157,8 @@ def pretrain_transform(size, scale=(0.2, 1.0), interpolation=BICUBIC):
 
 
 class SeededSamples(Dataset):
-    """Applies `transform` and draws masking noise [L] from a stream seeded by (seed, epoch, i)."""
+    """Applies `transform` and draws masking noise [L] from a stream seeded by (seed, epoch, i).
+    With mask_units=0 (fine-tuning) a sample is (image, label) instead of (image, noise)."""
 
     def __init__(self, images, transform, seed, mask_units):
         self.images, self.transform, self.seed, self.mask_units = images, transform, seed, mask_units
@@ -168,12 +169,12 @@ class SeededSamples(Dataset):
     def __getitem__(self, key):
         epoch, i = key
         seed = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1, np.uint64)[0] >> 1)
-        img, _ = self.images[i]
+        img, label = self.images[i]
         with torch.random.fork_rng(devices=[]):                  # leave the caller's stream alone
             torch.default_generator.manual_seed(seed)            # torchvision draws from it (not CUDA's)
             img = self.transform(img)
             noise = torch.rand(self.mask_units)
-        return img, noise
+        return img, noise if self.mask_units else label
 
 
 class EpochSampler(DistributedSampler):
@@ -193,7 +194,8 @@ class EpochSampler(DistributedSampler):
 
 def pretrain_loader(images, size, batch_size, mask_units, seed=0, rank=0, world_size=1, num_workers=4,
                     transform=None):
-    """Loader of (imgs [B, 3, size, size], noise [B, mask_units]) batches for this rank.
+    """Loader of (imgs [B, 3, size, size], noise [B, mask_units]) batches for this rank, or of
+    (imgs, labels [B]) with mask_units=0 (finetune.py).
 
     Call `loader.sampler.set_epoch(epoch)` each epoch; set `loader.sampler.skip_batches` to resume
     mid-epoch. `len(loader)` is the number of full batches per epoch (drop_last).

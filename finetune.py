@@ -1,0 +1,949 @@
+"""Fine-tune, linear-probe or evaluate the encoder of any of the five pre-training methods.
+
+    python finetune.py --model mae_vit_base_patch16 --finetune mae_pretrain_vit_base.pth --data /imagenet
+    python finetune.py --model mae_vit_base_patch16 --finetune ... --linprobe
+    python finetune.py --model mae_vit_base_patch16 --eval --resume mae_finetuned_vit_base.pth --data /imagenet
+    python finetune.py --model mae_vit_tiny --finetune output/mae_vit_tiny/checkpoint-last.pth   # built-in data
+
+--model is the pre-training model's name; its prefix names the method file. The classifier
+keeps that file's encoder modules and parameter names, drops the decoder and mask token, and
+adds the head of the method's official fine-tuning model, so that the official fine-tuned
+checkpoints load with strict=True:
+
+    method       official fine-tuning model          features for the head
+    mae          models_vit.py VisionTransformer     mean of patch tokens -> fc_norm (linear probe: cls token after norm)
+    convmae      models_convvit.py ConvViT           mean of stage-3 tokens -> fc_norm
+    fastconvmae  (no official one: ConvMAE's)        as convmae
+    simmim       vision_transformer.py / swin_transformer.py   ViT: mean -> fc_norm; Swin: norm -> mean
+    convnextv2   convnextv2.py ConvNeXtV2            global average pool -> norm
+
+The defaults are each method's published fine-tuning recipe (RECIPES below): layer-wise lr
+decay with the method's own layer-id rule, drop path, AdamW, warmup + cosine, MixUp/CutMix,
+label smoothing, RandAugment and random erasing (torchvision.transforms.v2). --linprobe is
+MAE's linear-probing protocol: frozen encoder, BatchNorm without affine, linear head, LARS.
+Without --finetune the same classifier trains from scratch, the baseline pre-training is
+measured against.
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+import convmae
+import convnextv2_fcmae
+import fastconvmae
+import mae
+import simmim
+from common import BICUBIC, IMAGENET_MEAN, IMAGENET_STD, ImageFiles, cosine_lr, load_images, pretrain_loader, \
+    pretrain_transform, set_lr
+
+METHODS = {"mae": mae, "convmae": convmae, "fastconvmae": fastconvmae, "simmim": simmim, "convnextv2": convnextv2_fcmae}
+MODELS = {name: method for method, module in METHODS.items() for name in module.MODELS}   # model name -> method
+
+# --- fine-tuning recipes: the official defaults per method (and size) ---
+
+# MAE FINETUNE.md / main_finetune.py: the base of every recipe here
+_MAE = dict(epochs=100, warmup_epochs=5, batch_size=32, blr=5e-4, min_lr=1e-6, weight_decay=0.05, layer_decay=0.65,
+            drop_path=0.1, mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25, clip_grad=None, input_size=None)
+# SimMIM configs/*finetune*: lr 1.25e-3 per 512 images (= 6.25e-4 per 256), 20 warmup epochs, clip 5
+_SIMMIM = dict(_MAE, warmup_epochs=20, blr=6.25e-4, min_lr=5e-7, clip_grad=5.0)
+# ConvNeXt V2 TRAINING.md: base (group layer decay), tiny, atto (no MixUp/CutMix); all with EMA (not here)
+_CONVNEXT_BASE = dict(_MAE, warmup_epochs=20, blr=6.25e-4, layer_decay=0.6, layer_decay_type="group")
+_CONVNEXT_TINY = dict(_MAE, epochs=300, warmup_epochs=40, blr=8e-4, layer_decay=0.9, drop_path=0.2)
+_CONVNEXT_ATTO = dict(_MAE, epochs=600, warmup_epochs=0, blr=2e-4, layer_decay=0.9, weight_decay=0.3,
+                      mixup=0.0, cutmix=0.0, smoothing=0.2)
+RECIPES = {
+    "mae_vit_large_patch16": dict(_MAE, epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.2),
+    "mae_vit_huge_patch14": dict(_MAE, epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.3),
+    "simmim_vit_base_patch16": _SIMMIM, "simmim_vit_tiny": _SIMMIM,
+    "simmim_swin_base_w6": dict(_SIMMIM, layer_decay=0.8, input_size=224, window_size=7),   # 192 px, window 6 -> 224, 7
+    "simmim_swin_tiny": dict(_SIMMIM, layer_decay=0.8),
+    **{f"convnextv2_fcmae_{s}": _CONVNEXT_ATTO for s in ("atto", "femto", "pico", "nano", "test")},
+    "convnextv2_fcmae_tiny": _CONVNEXT_TINY,
+    **{f"convnextv2_fcmae_{s}": _CONVNEXT_BASE for s in ("base", "large", "huge")},
+}                                                               # any other name: _MAE (ConvMAE FINETUNE.md is MAE's)
+# MAE main_linprobe.py: LARS, blr 0.1, no weight decay, 90 epochs, 16384 images per step, light augmentation
+LINPROBE = dict(epochs=90, warmup_epochs=10, batch_size=512, blr=0.1, min_lr=0.0, weight_decay=0.0, layer_decay=1.0,
+                drop_path=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, reprob=0.0, clip_grad=None)
+
+
+def trunc_normal_(tensor, std):
+    return nn.init.trunc_normal_(tensor, std=std, a=-2.0, b=2.0)     # timm's: bounds in absolute units
+
+
+# --- classifiers: the official fine-tuning models, made of a pre-training model's encoder ---
+
+
+class Classifier(nn.Module):
+    """What every classifier has: forward = head(features), layer ids for lr decay, weight-decay
+    rules, checkpoint adaptation, and the linear-probe form of its head.
+
+    Subclasses take the encoder modules of a pre-training model (same objects, same names) and
+    define: forward_features(imgs) -> [N, D]; layer_id(name) and num_layers (the top id: the
+    lr of id i is scaled by layer_decay ** (num_layers - i)); no_weight_decay(name, p);
+    new_keys (prefixes a pre-training checkpoint cannot hold); adapt(state).
+    """
+    new_keys = ("head.", "fc_norm.")
+    linear_probe = False
+
+    def forward(self, imgs):
+        if not self.linear_probe:
+            return self.head(self.forward_features(imgs))
+        with torch.no_grad():                                           # frozen encoder: no graph to keep
+            features = self.forward_features(imgs)
+        return self.head(features.float())
+
+    def no_weight_decay(self, name, p):
+        return p.ndim == 1 or name in ("pos_embed", "cls_token")
+
+    def adapt(self, state):
+        """A checkpoint's state_dict (pre-training or fine-tuned, official or ours) in this
+        model's names; what cannot be mapped keeps its name (and is reported as unused)."""
+        return dict(state)
+
+    def param_groups(self, weight_decay, layer_decay):
+        """AdamW groups per (layer id, decay): lr_scale = layer_decay ** (num_layers - id), BEiT's
+        layer-wise decay as every method's official fine-tuning code applies it."""
+        groups = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            wd = 0.0 if self.no_weight_decay(name, p) else weight_decay
+            layer = self.layer_id(name)
+            group = groups.setdefault((layer, wd), {"params": [], "names": [], "weight_decay": wd, "layer_id": layer,
+                                                    "lr_scale": layer_decay ** (self.num_layers - layer)})
+            group["params"].append(p)
+            group["names"].append(name)
+        return list(groups.values())
+
+    def make_linear_probe(self):
+        """MAE main_linprobe.py: freeze all but the head, head = BatchNorm1d(no affine) -> Linear (std .01)."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        trunc_normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+        self.head = nn.Sequential(nn.BatchNorm1d(self.head.in_features, affine=False, eps=1e-6), self.head)
+        self.head.requires_grad_(True)
+        self.linear_probe = True
+
+
+def interpolate_pos_embed(pos, grid, extra):
+    """[1, extra + g*g, D] -> [1, extra + grid*grid, D]: bicubic on the patch grid, the `extra`
+    (cls) rows kept; unchanged when the grid is the same (MAE util/pos_embed.py)."""
+    g = math.isqrt(pos.shape[1] - extra)
+    if g == grid or g * g != pos.shape[1] - extra:                      # same grid, or not one (reported later)
+        return pos
+    tokens = pos[:, extra:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
+    tokens = F.interpolate(tokens, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:, :extra], tokens.permute(0, 2, 3, 1).flatten(1, 2).to(pos.dtype)], dim=1)
+
+
+def interpolate_rel_pos_table(table, side, extra=0):
+    """A relative position bias table [(2w-1)^2 + extra, heads] for a w x w window (or patch
+    grid) resized to a side x side table of offsets (side = 2w' - 1), bicubic with the corner
+    offsets kept at the corners; the `extra` rows (cls offsets) kept. (The official SimMIM uses
+    scipy's interp2d on a geometric grid; scipy is not a dependency here: see README.)"""
+    s = math.isqrt(table.shape[0] - extra)
+    if s == side or s * s != table.shape[0] - extra:
+        return table
+    grid = table[:s * s].T.reshape(1, -1, s, s).float()
+    grid = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=True)
+    return torch.cat([grid.reshape(-1, side * side).T.to(table.dtype), table[s * s:]])
+
+
+class ViT(Classifier):
+    """MAE's models_vit.py: the encoder on all patches with a trainable position embedding,
+    then the mean of the patch tokens -> fc_norm -> head (global_pool, fine-tuning; the
+    encoder's `norm` is dropped) or the cls token after `norm` (linear probing)."""
+
+    def __init__(self, pre, num_classes, global_pool=True):
+        super().__init__()
+        D = pre.cls_token.shape[-1]
+        self.cls_token, self.patch_embed, self.blocks = pre.cls_token, pre.patch_embed, pre.blocks
+        self.pos_embed = nn.Parameter(pre.pos_embed.detach().clone())   # fixed in pre-training, trained here
+        self.global_pool = global_pool
+        if global_pool:
+            self.fc_norm = nn.LayerNorm(D, eps=1e-6)
+        else:
+            self.norm = pre.norm
+            self.new_keys = ("head.",)
+        self.head = nn.Linear(D, num_classes)
+        trunc_normal_(self.head.weight, std=2e-5)                       # main_finetune.py
+        nn.init.zeros_(self.head.bias)
+        self.num_layers = len(self.blocks) + 1
+
+    def forward_features(self, imgs):                                   # [N, 3, H, W] -> [N, D]
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]              # [N, L, D]
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.fc_norm(x[:, 1:].mean(dim=1)) if self.global_pool else self.norm(x)[:, 0]
+
+    def layer_id(self, name):                                           # util/lr_decay.py
+        if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.num_layers
+
+    def adapt(self, state):
+        state = dict(state)
+        if "pos_embed" in state:
+            state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], math.isqrt(self.pos_embed.shape[1] - 1), 1)
+        return state
+
+
+class ConvViT(Classifier):
+    """ConvMAE's models_convvit.py (FastConvMAE fine-tunes the same model): the convolution
+    stages and transformer stage on the whole image, no multi-scale fusion, no `norm`; the
+    mean of the stage-3 tokens -> fc_norm -> head."""
+
+    def __init__(self, pre, num_classes, global_pool=True):
+        super().__init__()
+        D = pre.pos_embed.shape[-1]
+        self.patch_embed1, self.patch_embed2, self.patch_embed3 = pre.patch_embed1, pre.patch_embed2, pre.patch_embed3
+        self.patch_embed4 = pre.patch_embed4
+        self.pos_embed = nn.Parameter(pre.pos_embed.detach().clone())   # [1, L, D], no cls row
+        self.blocks1, self.blocks2, self.blocks3 = pre.blocks1, pre.blocks2, pre.blocks3
+        self.fc_norm = nn.LayerNorm(D, eps=1e-6)
+        self.head = nn.Linear(D, num_classes)
+        trunc_normal_(self.head.weight, std=2e-5)                       # main_finetune.py
+        nn.init.zeros_(self.head.bias)
+        self.num_layers = len(self.blocks3) + 1
+
+    def forward_features(self, imgs):
+        x = self.patch_embed1(imgs.permute(0, 2, 3, 1))                 # channels-last maps, as the method file
+        for blk in self.blocks1:
+            x = blk(x)
+        x = self.patch_embed2(x)
+        for blk in self.blocks2:
+            x = blk(x)
+        x = self.patch_embed4(self.patch_embed3(x).flatten(1, 2)) + self.pos_embed   # [N, L, D]
+        for blk in self.blocks3:
+            x = blk(x)
+        return self.fc_norm(x.mean(dim=1))
+
+    def layer_id(self, name):                                           # ConvMAE util/lr_decay.py
+        if name in ("cls_token", "pos_embed") or name.startswith(("patch_embed", "blocks1", "blocks2")):
+            return 0
+        if name.startswith("blocks3."):
+            return int(name.split(".")[1]) + 1
+        return self.num_layers
+
+    def adapt(self, state):
+        state = dict(state)
+        if "pos_embed" in state:
+            state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], math.isqrt(self.pos_embed.shape[1]), 0)
+        return state
+
+
+class SimMIMViT(Classifier):
+    """SimMIM's vision_transformer.py as its fine-tuning config builds it (USE_RPB, mean pooling):
+    each block gets its own copy of the pre-trained shared relative position bias; the mean of
+    the patch tokens -> fc_norm -> head (init scaled by 0.001); no final `norm`."""
+
+    def __init__(self, pre, num_classes, global_pool=True):
+        super().__init__()
+        enc = pre.encoder
+        D = enc.num_features
+        self.patch_embed, self.cls_token, self.blocks = enc.patch_embed, enc.cls_token, enc.blocks
+        for blk in self.blocks:                                         # names as the official per-block bias
+            blk.attn.relative_position_bias_table = nn.Parameter(enc.rel_pos_bias.relative_position_bias_table.detach().clone())
+            blk.attn.register_buffer("relative_position_index", enc.rel_pos_bias.relative_position_index.clone())
+        self.grid = enc.grid
+        self.fc_norm = nn.LayerNorm(D, eps=1e-6)
+        self.head = nn.Linear(D, num_classes)
+        trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        self.head.weight.data.mul_(0.001)                               # init_scale
+        self.num_layers = len(self.blocks) + 1
+
+    def forward_features(self, imgs):
+        x = self.patch_embed(imgs)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        for blk in self.blocks:
+            bias = blk.attn.relative_position_bias_table[blk.attn.relative_position_index].permute(2, 0, 1)
+            x = blk(x, bias)
+        return self.fc_norm(x[:, 1:].mean(dim=1))
+
+    def layer_id(self, name):                                           # SimMIM optimizer.py get_vit_layer
+        if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.num_layers                                          # rel_pos_bias, fc_norm, head
+
+    def no_weight_decay(self, name, p):
+        return p.ndim == 1 or name.endswith(".bias") or name in ("pos_embed", "cls_token")
+
+    def adapt(self, state):
+        """utils.py remap_pretrained_keys_vit: drop the `encoder.` prefix, copy the shared bias
+        table into every block, resize tables to this grid; index buffers are this model's."""
+        state = {k.removeprefix("encoder."): v for k, v in state.items()}
+        shared = state.pop("rel_pos_bias.relative_position_bias_table", None)
+        state.pop("rel_pos_bias.relative_position_index", None)
+        ours = self.state_dict()
+        for i in range(len(self.blocks)):
+            key = f"blocks.{i}.attn.relative_position_bias_table"
+            if shared is not None and key not in state:
+                state[key] = shared.clone()
+            if key in state:
+                state[key] = interpolate_rel_pos_table(state[key], 2 * self.grid - 1, extra=3)
+            state[f"blocks.{i}.attn.relative_position_index"] = ours[f"blocks.{i}.attn.relative_position_index"]
+        return state
+
+
+class Swin(Classifier):
+    """SimMIM's swin_transformer.py SwinTransformer: stages, final `norm`, mean over positions,
+    head. Fine-tuned at another size and window than pre-trained (192 px, 6 -> 224 px, 7)."""
+    new_keys = ("head.",)
+
+    def __init__(self, pre, num_classes, global_pool=True):
+        super().__init__()
+        enc = pre.encoder
+        self.patch_embed, self.layers, self.norm = enc.patch_embed, enc.layers, enc.norm
+        self.depths = [len(layer.blocks) for layer in self.layers]
+        self.head = nn.Linear(enc.num_features, num_classes)
+        trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        self.num_layers = sum(self.depths) + 1
+
+    def forward_features(self, imgs):
+        x = self.patch_embed(imgs)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x).mean(dim=1)
+
+    def layer_id(self, name):                                           # SimMIM optimizer.py get_swin_layer
+        if name == "mask_token" or name.startswith("patch_embed"):
+            return 0
+        if name.startswith("layers."):
+            _, stage, part, block = name.split(".")[:4]
+            stage = int(stage)
+            if part == "downsample":                                    # with the last block of its stage
+                return sum(self.depths[:stage + 1])
+            return sum(self.depths[:stage]) + int(block) + 1
+        return self.num_layers
+
+    def no_weight_decay(self, name, p):
+        return p.ndim == 1 or name.endswith(".bias") or "relative_position_bias_table" in name
+
+    def adapt(self, state):
+        """utils.py remap_pretrained_keys_swin: tables resized to this window; the index and
+        shift-mask buffers are this model's (they follow from the window)."""
+        state = {k.removeprefix("encoder."): v for k, v in state.items()}
+        ours = self.state_dict()
+        for k in list(state):
+            if k.endswith("relative_position_bias_table") and k in ours:
+                state[k] = interpolate_rel_pos_table(state[k], math.isqrt(ours[k].shape[0]))
+            elif k.endswith(("relative_position_index", "attn_mask")):
+                del state[k]
+        state.update({k: v for k, v in ours.items() if k.endswith(("relative_position_index", "attn_mask"))})
+        return state
+
+
+class ConvNeXtV2(Classifier):
+    """ConvNeXt V2's convnextv2.py: the dense encoder (per-image GRN), global average pooling,
+    `norm`, head (init scaled by 0.001, main_finetune.py's head_init_scale)."""
+    new_keys = ("head.", "norm.")
+
+    def __init__(self, pre, num_classes, global_pool=True, layer_decay_type="single"):
+        super().__init__()
+        enc = pre.encoder
+        self.downsample_layers, self.stages = enc.downsample_layers, enc.stages
+        self.depths = [len(stage) for stage in self.stages]
+        D = self.downsample_layers[-1][1].out_channels
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.head = nn.Linear(D, num_classes)
+        trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        self.head.weight.data.mul_(0.001)
+        self.layer_decay_type = layer_decay_type
+        self.num_layers = 13 if layer_decay_type == "group" else sum(self.depths) + 1
+
+    def forward_features(self, imgs):
+        x = imgs
+        for down, stage in zip(self.downsample_layers, self.stages):
+            x = stage(down(x))
+        return self.norm(x.mean(dim=(-2, -1)))
+
+    def layer_id(self, name):
+        """optim_factory.py: 'single' = one id per block (downsampling with the next stage's
+        first); 'group' = 12 groups, stage 3's blocks in threes (base and larger)."""
+        parts = name.split(".")
+        if parts[0] not in ("downsample_layers", "stages"):
+            return self.num_layers
+        stage = int(parts[1])
+        if self.layer_decay_type == "single":
+            return sum(self.depths[:stage]) + 1 + (int(parts[2]) if parts[0] == "stages" else 0)
+        if parts[0] == "downsample_layers":
+            return (0, 2, 3, 12)[stage]
+        return (1, 2, 3 + int(parts[2]) // 3, 12)[stage]
+
+    def no_weight_decay(self, name, p):
+        return p.ndim == 1 or name.endswith((".bias", ".gamma", ".beta"))
+
+    def adapt(self, state):
+        if convnextv2_fcmae.is_sparse_layout(state):                   # the official FCMAE release
+            state = convnextv2_fcmae.from_sparse_layout(state)
+        return {k.removeprefix("encoder."): v for k, v in state.items()}
+
+
+def build_classifier(name, num_classes, img_size=None, drop_path=0.0, linprobe=False, window_size=None,
+                     layer_decay_type="single"):
+    """The classifier of pre-training model `name` (e.g. "mae_vit_base_patch16"): its encoder,
+    the official fine-tuning head. img_size: default the pre-training size."""
+    method = MODELS[name]
+    kwargs = {"drop_path_rate": drop_path}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if window_size is not None:
+        kwargs["window_size"] = window_size
+    pre = METHODS[method].MODELS[name](**kwargs)
+    if method == "simmim":
+        cls = SimMIMViT if isinstance(pre.encoder, simmim.VisionTransformerForSimMIM) else Swin
+        return cls(pre, num_classes)
+    if method == "convnextv2":
+        return ConvNeXtV2(pre, num_classes, layer_decay_type=layer_decay_type)
+    if method == "mae":
+        return ViT(pre, num_classes, global_pool=not linprobe)
+    return ConvViT(pre, num_classes)
+
+
+# --- checkpoints: any of ours or the official ones, with the mismatches named ---
+
+
+def state_of(checkpoint):
+    """The state_dict inside a checkpoint file's dict (or the dict itself)."""
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
+        return checkpoint["model"]
+    return checkpoint
+
+
+def describe(state):
+    """A short guess at what a state_dict holds, for error messages."""
+    state = {k.removeprefix("encoder."): v for k, v in state.items()}
+
+    def count(prefix):
+        return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+    def width(key, axis=0):
+        return state[key].shape[axis] if key in state else "?"
+
+    if any(k.startswith("blocks3.") for k in state):
+        return f"a ConvMAE/FastConvMAE ConvViT ({count('blocks3.')} transformer blocks, width {width('patch_embed4.weight')})"
+    if any(k.startswith("layers.") for k in state):
+        depths = [count(f"layers.{i}.blocks.") for i in range(count("layers."))]
+        return f"a Swin (width {width('patch_embed.proj.weight')}, depths {depths})"
+    if any(k.startswith("stages.") for k in state):
+        depths = [count(f"stages.{i}.") for i in range(count("stages."))]
+        return f"a ConvNeXt V2 (stem width {width('downsample_layers.0.0.weight')}, depths {depths})"
+    if any(k.endswith("attn.q_bias") for k in state):
+        return f"a SimMIM ViT ({count('blocks.')} blocks, width {width('patch_embed.proj.weight')})"
+    if any(k.startswith("blocks.") for k in state):
+        return (f"a MAE ViT ({count('blocks.')} blocks, width {width('patch_embed.proj.weight')}, "
+                f"patch {width('patch_embed.proj.weight', -1)})")
+    return "no encoder this file knows"
+
+
+def summarize(keys):
+    """Key names grouped by their first component: 'decoder_blocks.* (24), mask_token'."""
+    groups = {}
+    for k in sorted(keys):
+        groups.setdefault(k.split(".")[0], []).append(k)
+    return ", ".join(ks[0] if len(ks) == 1 else f"{g}.* ({len(ks)})" for g, ks in groups.items()) or "none"
+
+
+def load_weights(model, checkpoint, flag, strict=False):
+    """Load `checkpoint` (a dict read from a file) into `model`; returns (missing, unused) key names.
+
+    Pre-trained weights (strict=False): every encoder key must be there with its shape; the
+    classifier's new keys (head, fc_norm...) may be missing; a head of another class count is
+    dropped. strict: every key must fit (evaluation of a fine-tuned checkpoint).
+    Anything else is a one-line error saying what the checkpoint looks like."""
+    ours = model.state_dict()
+    state = model.adapt(state_of(checkpoint))
+    dropped = []
+    for k in [k for k in state if k.startswith("head.") and k in ours and state[k].shape != ours[k].shape]:
+        if strict:
+            sys.exit(f"error: {flag}: its head has {state[k].shape[0]} classes, the data set {ours[k].shape[0]}")
+        dropped.append(k)
+        del state[k]
+    wrong = sorted(k for k in set(state) & set(ours) if state[k].shape != ours[k].shape)
+    missing = sorted(set(ours) - set(state))
+    unused = sorted(set(state) - set(ours)) + dropped
+    bad_missing = [k for k in missing if strict or not k.startswith(model.new_keys)]
+    if wrong or bad_missing or (strict and unused):
+        found = (checkpoint.get("args") or {}).get("model") if isinstance(checkpoint, dict) else None
+        looks = f"{found}'s weights" if found else describe(state_of(checkpoint))
+        detail = f"other shapes: {summarize(wrong)}" if wrong else f"missing: {summarize(bad_missing or unused)}"
+        sys.exit(f"error: {flag} does not fit this classifier ({describe(ours)}): it holds {looks}; {detail}")
+    model.load_state_dict(state, strict=False)
+    return missing, unused
+
+
+# --- data: train and eval transforms, MixUp / CutMix, the evaluation loader ---
+
+
+def train_transform(size, reprob):
+    """timm's create_transform as the fine-tuning scripts call it, in torchvision.transforms.v2:
+    random-resized crop (bicubic), flip, RandAugment rand-m9-mstd0.5-inc1 (torchvision's; see
+    README for the differences), normalisation, random erasing (per-pixel normal noise)."""
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11, interpolation=BICUBIC,  # m9 of timm's 10
+                       fill=[round(255 * m) for m in IMAGENET_MEAN]),
+        v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.RandomErasing(p=reprob, value="random") if reprob > 0 else v2.Identity()])
+
+
+def eval_transform(size):
+    """Resize to size / 0.875 (bicubic), centre crop: MAE's build_transform for evaluation."""
+    return v2.Compose([v2.Resize(int(size / 0.875), interpolation=BICUBIC, antialias=True), v2.CenterCrop(size),
+                       v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class Transformed(Dataset):
+    def __init__(self, images, transform, indices):
+        self.images, self.transform, self.indices = images, transform, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        img, label = self.images[self.indices[i]]
+        return self.transform(img), label
+
+
+def mix_and_smooth(mixup, cutmix, smoothing, num_classes):
+    """(imgs, labels [B]) -> (imgs, soft targets [B, K]): one of MixUp / CutMix per batch, chosen
+    with equal odds (timm's switch prob 0.5), then label smoothing (timm's Mixup applies it to
+    the one-hot targets before mixing, which is the same). None when neither is on."""
+    choices = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup > 0 else []) + \
+              ([v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix > 0 else [])
+    if not choices:
+        return None
+    mix = v2.RandomChoice(choices)
+
+    def apply(imgs, labels):
+        imgs, soft = mix(imgs, labels)
+        return imgs, soft * (1 - smoothing) + smoothing / num_classes
+    return apply
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast, distributed):
+    """Top-1 and top-5 accuracy (%) over the whole evaluation set (each rank holds a disjoint share)."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, device=device, dtype=torch.float64)        # top-1 hits, top-5 hits, images
+    for imgs, labels in loader:
+        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast:
+            logits = model(imgs)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        counts += torch.stack([(top[:, 0] == labels).sum(), (top == labels[:, None]).any(dim=1).sum(),
+                               torch.tensor(len(labels), device=device)]).double()
+    if distributed:
+        dist.all_reduce(counts)
+    model.train(was_training)
+    return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
+
+
+# --- LARS (MAE util/lars.py, for the linear probe) ---
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum whose step, for weights (ndim > 1), includes weight decay and is rescaled
+    by trust_coefficient * |w| / |step| (You et al. 2017); 1-D parameters take plain SGD steps."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=g["weight_decay"])
+                    w_norm, d_norm = torch.norm(p), torch.norm(d)
+                    trust = torch.where((w_norm > 0) & (d_norm > 0), g["trust_coefficient"] * w_norm / d_norm, 1.0)
+                    d = d * trust
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                state["mu"].mul_(g["momentum"]).add_(d)
+                p.add_(state["mu"], alpha=-g["lr"])
+
+
+# --- arguments (defaults: the method's fine-tuning recipe, filled in by check_args) ---
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="fine-tuning, linear probing and evaluation",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="mae_vit_base_patch16", help=f"a pre-training model name: {', '.join(MODELS)}")
+    p.add_argument("--finetune", default="", help="pre-trained checkpoint (official or ours); none: from scratch")
+    p.add_argument("--linprobe", action="store_true", help="linear probe: frozen encoder, BN + linear head, LARS")
+    p.add_argument("--eval", action="store_true", help="only evaluate --resume (e.g. an official fine-tuned checkpoint)")
+    p.add_argument("--data", default=None, help="DIR/train/<class>/* and DIR/val/<class>/*; none: the built-in data set")
+    p.add_argument("--builtin_images", type=int, default=4096, help="training images of the built-in data set")
+    p.add_argument("--input_size", type=int, default=None, help="image size; default: the recipe's (pre-training size)")
+    recipe = "default: the model's recipe (finetune.py RECIPES)"
+    p.add_argument("--epochs", type=int, default=None, help=recipe)
+    p.add_argument("--warmup_epochs", type=int, default=None, help=recipe)
+    p.add_argument("--batch_size", type=int, default=None, help=f"per process; {recipe}")
+    p.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--blr", type=float, default=None, help=f"lr = blr x effective batch / 256; {recipe}")
+    p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
+    p.add_argument("--min_lr", type=float, default=None, help=recipe)
+    p.add_argument("--weight_decay", type=float, default=None, help=recipe)
+    p.add_argument("--layer_decay", type=float, default=None, help=f"layer-wise lr decay; {recipe}")
+    p.add_argument("--drop_path", type=float, default=None, help=recipe)
+    p.add_argument("--clip_grad", type=float, default=None, help="max grad norm; default: the recipe's (SimMIM 5)")
+    p.add_argument("--mixup", type=float, default=None, help=f"MixUp alpha, 0 = off; {recipe}")
+    p.add_argument("--cutmix", type=float, default=None, help=f"CutMix alpha, 0 = off; {recipe}")
+    p.add_argument("--smoothing", type=float, default=None, help=f"label smoothing; {recipe}")
+    p.add_argument("--reprob", type=float, default=None, help=f"random erasing probability; {recipe}")
+    p.add_argument("--output_dir", default=None, help="default: output/<model>-finetune (or -linprobe)")
+    p.add_argument("--resume", default="", help="checkpoint path, or 'auto' for output_dir/checkpoint-last.pth if present")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data workers per process")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--save_every", type=int, default=20, help="keep a copy of the checkpoint every N epochs")
+    p.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts."""
+    if args.model not in MODELS:
+        sys.exit(f"error: --model {args.model} is unknown; choose one of: {', '.join(MODELS)}")
+    recipe = dict(RECIPES.get(args.model, _MAE))
+    if args.linprobe:
+        recipe.update(LINPROBE)
+    for flag, value in recipe.items():
+        if getattr(args, flag, None) is None:
+            setattr(args, flag, value)
+    for flag in ("epochs", "batch_size", "accum_iter", "save_every", "log_every", "builtin_images"):
+        if getattr(args, flag) <= 0:
+            sys.exit(f"error: --{flag} must be a positive integer, got {getattr(args, flag)}")
+    if args.warmup_epochs < 0 or args.num_workers < 0:
+        sys.exit("error: --warmup_epochs and --num_workers must be >= 0")
+    for flag in ("drop_path", "smoothing", "reprob"):
+        if not 0.0 <= getattr(args, flag) < 1.0:
+            sys.exit(f"error: --{flag} must be in [0, 1), got {getattr(args, flag)}")
+    if not 0.0 < args.layer_decay <= 1.0:
+        sys.exit(f"error: --layer_decay must be in (0, 1], got {args.layer_decay}")
+    if args.eval and not args.resume:
+        sys.exit("error: --eval needs --resume CKPT (a fine-tuned checkpoint, official or ours)")
+    if args.finetune and not os.path.isfile(args.finetune):
+        sys.exit(f"error: --finetune {args.finetune}: no such file")
+    kw = METHODS[MODELS[args.model]].MODELS[args.model].keywords
+    args.input_size = args.input_size or kw.get("img_size", 224)
+    method = MODELS[args.model]
+    unit = (kw["patch_size"] if method == "mae" else math.prod(kw["patch_size"]) if method.endswith("convmae")
+            else kw.get("mask_patch_size", 32))                        # simmim, convnextv2; Swin: checked when built
+    if args.input_size <= 0 or args.input_size % unit:
+        sys.exit(f"error: --input_size {args.input_size} is not a positive multiple of {unit} for {args.model}; "
+                 f"try {max(args.input_size // unit, 1) * unit}")
+    args.output_dir = args.output_dir or os.path.join("output", f"{args.model}-{'linprobe' if args.linprobe else 'finetune'}")
+
+
+# --- training (main_finetune.py / main_linprobe.py + engine_finetune.py) ---
+
+
+def save_checkpoint(state, path):
+    """Atomic and durable: a crash mid-write, even of the machine, leaves the previous file intact."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_training_state(path, model, optimizer, scaler, args, epoch, batch_in_epoch):
+    """Every rank calls this (each rank's RNG streams are gathered); rank 0 writes."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rngs = [rng]
+    if dist.is_initialized():
+        rngs = [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, rng)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                         "world_size": len(rngs), "args": vars(args), "rng": rngs}, path)
+
+
+def any_rank(flag, group=None):
+    """True on every rank if `flag` is true on any: ranks must take the same branch around collectives."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
+def read_checkpoint(path, flag):
+    if not os.path.isfile(path):
+        sys.exit(f"error: {flag} {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        sys.exit(f"error: {flag} {path}: not a readable checkpoint ({type(e).__name__})")
+
+
+def load_checkpoint(path, args):
+    """A training checkpoint this script wrote for the same model and mode."""
+    ckpt = read_checkpoint(path, "--resume")
+    saved = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
+    if saved.get("model") != args.model or "linprobe" not in saved or saved["linprobe"] != args.linprobe:
+        what = saved.get("model", "no model name") + (" pre-training" if "linprobe" not in saved else
+                                                      " linprobe" if saved["linprobe"] else " finetune")
+        sys.exit(f"error: --resume {path} is not a {args.model} {'linprobe' if args.linprobe else 'finetune'} "
+                 f"checkpoint ({what}); pass --finetune for pre-trained weights, or start a new --output_dir")
+    return ckpt
+
+
+def main(args):
+    # 1. setup distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    distributed = world_size > 1
+    if distributed:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    if amp != "none" and device.type == "cpu":
+        log(f"warning: --amp {amp} on CPU is fast only on CPUs with native {amp} matmuls; --amp none is the default")
+
+    # 2. seed: per rank, for what is drawn outside the data pipeline (MixUp/CutMix, drop path)
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+
+    # 3. data: each training sample's augmentation is seeded by (seed, epoch, index)
+    if is_main and not args.eval:
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            open(os.path.join(args.output_dir, ".write-test"), "w").close()
+            os.remove(os.path.join(args.output_dir, ".write-test"))
+        except OSError as e:
+            sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
+    try:
+        train_images = load_images(args.data, "train", args.input_size, args.builtin_images)
+        val_images = load_images(args.data, "val", args.input_size, max(args.builtin_images // 4, 10))
+        classes = train_images.classes
+        if isinstance(train_images, ImageFiles) and not classes:
+            raise ValueError(f"--data {args.data}: no class folders; fine-tuning needs DIR/train/<class>/* "
+                             "and DIR/val/<class>/*")
+        if getattr(val_images, "classes", classes) != classes:
+            raise ValueError(f"--data {args.data}: train and val have different class folders")
+        if args.data is not None and not os.path.isdir(os.path.join(args.data, "val")):
+            log(f"warning: --data {args.data} has no val/ folder; evaluating on the training images")
+        transform = pretrain_transform(args.input_size, scale=(0.08, 1.0)) if args.linprobe else \
+            train_transform(args.input_size, args.reprob)
+        loader = None if args.eval else pretrain_loader(train_images, args.input_size, args.batch_size, 0, args.seed,
+                                                        rank, world_size, args.num_workers, transform)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    val_loader = DataLoader(Transformed(val_images, eval_transform(args.input_size),
+                                        range(rank, len(val_images), world_size)),     # disjoint shares, none padded
+                            args.batch_size, num_workers=args.num_workers, pin_memory=device.type == "cuda")
+
+    # 4. model: the classifier, pre-trained weights, the linear-probe head; compile; DDP
+    try:
+        model = build_classifier(args.model, len(classes), args.input_size, args.drop_path, args.linprobe,
+                                 getattr(args, "window_size", None), getattr(args, "layer_decay_type", "single"))
+    except ValueError as e:
+        sys.exit(f"error: --input_size {args.input_size}: {e}")
+    if args.finetune:
+        missing, unused = load_weights(model, read_checkpoint(args.finetune, "--finetune"), f"--finetune {args.finetune}")
+        log(f"loaded {args.finetune}\n  not in it (trained from their init): {summarize(missing)}\n"
+            f"  in it, not used: {summarize(unused)}")
+    if args.linprobe:
+        model.make_linear_probe()
+    if args.eval:
+        ckpt = read_checkpoint(args.resume, "--resume")
+        load_weights(model, ckpt, f"--resume {args.resume}", strict=True)
+    model = model.to(device)
+    model_without_ddp = model
+    if args.compile:
+        model = torch.compile(model)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+                if amp != "none" else nullcontext())
+    if args.eval:
+        acc1, acc5 = evaluate(model, val_loader, device, autocast, distributed)
+        log(f"{args.resume}: top-1 {acc1:.2f} % | top-5 {acc5:.2f} % on {len(val_images)} images")
+        if distributed:
+            dist.destroy_process_group()
+        return
+    if distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    batches_per_epoch = len(loader) // args.accum_iter * args.accum_iter   # whole optimizer steps only
+    if batches_per_epoch == 0:
+        sys.exit(f"error: --accum_iter {args.accum_iter} exceeds the {len(loader)} batches per epoch; lower it")
+
+    # 5. optimizer: lr = blr x batch / 256; AdamW over layer-decay groups, or LARS over the probe's head
+    eff_batch = args.batch_size * args.accum_iter * world_size
+    args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    if args.linprobe:
+        optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        groups = model_without_ddp.param_groups(args.weight_decay, args.layer_decay)
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type in ("cuda", "cpu"))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
+    mix = mix_and_smooth(args.mixup, args.cutmix, args.smoothing, len(classes))
+    log(f"{args.model} {'linear probe' if args.linprobe else 'fine-tune'} | {len(classes)} classes | "
+        f"{sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad) / 1e6:.2f} M trained params | "
+        f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {world_size} | lr {args.lr:.3g} | "
+        f"{batches_per_epoch // args.accum_iter} steps/epoch | amp {amp} | {device}")
+
+    # 6. resume: model, optimizer, scaler, position in the run, RNG states
+    epoch, batch_in_epoch = 0, 0
+    path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
+    resume = path_last if args.resume == "auto" else args.resume
+    if resume and (args.resume != "auto" or os.path.isfile(path_last)):
+        ckpt = load_checkpoint(resume, args)
+        try:
+            model_without_ddp.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            sys.exit(f"error: --resume {resume} does not fit {args.model} at --input_size {args.input_size} "
+                     f"({str(e).strip().splitlines()[-1].strip()})")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["scaler"] and scaler.is_enabled():                      # empty unless saved by an fp16 run
+            scaler.load_state_dict(ckpt["scaler"])
+        epoch, batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
+        same_layout = (ckpt["world_size"], ckpt["args"]["batch_size"], ckpt["args"]["accum_iter"]) == \
+                      (world_size, args.batch_size, args.accum_iter)
+        if batch_in_epoch and not same_layout:                          # the position means other batches
+            log(f"warning: {resume} was saved mid-epoch by another processes x batch x accum layout; "
+                f"restarting epoch {epoch} from its start")
+            batch_in_epoch = 0
+        if ckpt["world_size"] == world_size:                            # else a new world: fresh seeds
+            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+            if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+        log(f"resumed from {resume} at epoch {epoch}, batch {batch_in_epoch}")
+    save_state = partial(save_training_state, path_last, model_without_ddp, optimizer, scaler, args)
+
+    stop = {"signal": None}                                              # SIGTERM: save at the next step
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    stop_group = dist.new_group(backend="gloo") if distributed else None  # agree on CPU: no GPU sync
+
+    # 7. loop
+    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
+    model.train()
+    while epoch < args.epochs:
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.skip_batches = batch_in_epoch
+        bar = tqdm(total=batches_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}", disable=not is_main,
+                   dynamic_ncols=True, leave=False, mininterval=0.1 if sys.stderr.isatty() else 30)  # quiet batch logs
+        loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.bool)
+        n_logged, t_log, mean_loss = 0, time.time(), float("nan")
+        for imgs, labels in itertools.islice(loader, batches_per_epoch - batch_in_epoch):
+            if batch_in_epoch % args.accum_iter == 0:
+                lr = cosine_lr(epoch + batch_in_epoch / batches_per_epoch, args.lr, args.min_lr,
+                               args.warmup_epochs, args.epochs)
+                set_lr(optimizer, lr)
+            imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if mix is not None:
+                imgs, labels = mix(imgs, labels)
+            last_micro = (batch_in_epoch + 1) % args.accum_iter == 0
+            # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs
+            with (model.no_sync() if distributed and not last_micro else nullcontext()), autocast:
+                logits = model(imgs).float()
+            loss = (-(labels * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean() if mix is not None
+                    else F.cross_entropy(logits, labels, label_smoothing=args.smoothing))
+            scaler.scale(loss / args.accum_iter).backward()
+            loss = loss.detach()
+            nonfinite |= ~torch.isfinite(loss)                           # checked at log time: no sync per step
+            loss_sum += loss
+            batch_in_epoch += 1
+            bar.update()
+            if not last_micro:
+                continue
+            if args.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            n_logged += args.accum_iter
+            step = batch_in_epoch // args.accum_iter
+            stopping = any_rank(stop["signal"] is not None, stop_group)
+            if step % args.log_every == 0 or batch_in_epoch == batches_per_epoch or stopping:
+                stats = torch.stack([loss_sum / n_logged, nonfinite.float()])
+                if distributed:
+                    dist.all_reduce(stats)
+                mean_loss, bad = stats[0].item() / world_size, stats[1].item() > 0
+                if bad or not math.isfinite(mean_loss):
+                    bar.close()
+                    sys.exit(f"error: loss is {mean_loss} at epoch {epoch} step {step}; stopping without saving. "
+                             f"The last good checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
+                ips = n_logged * args.batch_size * world_size / (time.time() - t_log)
+                record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "img_per_s": round(ips, 1)}
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                if is_main:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                loss_sum.zero_(), nonfinite.zero_()
+                n_logged, t_log = 0, time.time()
+            if stopping:
+                bar.close()
+                save_state(epoch, batch_in_epoch)
+                log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
+                if distributed:
+                    dist.destroy_process_group()
+                return
+        bar.close()
+        epoch, batch_in_epoch = epoch + 1, 0
+        acc1, acc5 = evaluate(model_without_ddp, val_loader, device, autocast, distributed)
+        save_state(epoch, 0)
+        if is_main:
+            log_file.write(json.dumps({"epoch": epoch, "acc1": acc1, "acc5": acc5}) + "\n")
+            log_file.flush()
+            if epoch % args.save_every == 0 or epoch == args.epochs:     # a kept copy, written atomically
+                copy = os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")
+                shutil.copyfile(path_last, copy + ".tmp")
+                os.replace(copy + ".tmp", copy)
+            log(f"epoch {epoch}/{args.epochs} | loss {mean_loss:.4f} | top-1 {acc1:.2f} % | top-5 {acc5:.2f} % | "
+                f"{args.output_dir}")
+
+    # 8. teardown
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(get_args())
