@@ -60,7 +60,8 @@ MODELS = {name: method for method, module in METHODS.items() for name in module.
 
 # MAE FINETUNE.md / main_finetune.py: the base of every recipe here
 _MAE = dict(epochs=100, warmup_epochs=5, batch_size=32, blr=5e-4, min_lr=1e-6, weight_decay=0.05, layer_decay=0.65,
-            drop_path=0.1, mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25, clip_grad=None, input_size=None)
+            drop_path=0.1, mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25, clip_grad=0.0, input_size=None,
+            layer_decay_type="single")
 # SimMIM configs/*finetune*: lr 1.25e-3 per 512 images (= 6.25e-4 per 256), 20 warmup epochs, clip 5
 _SIMMIM = dict(_MAE, warmup_epochs=20, blr=6.25e-4, min_lr=5e-7, clip_grad=5.0)
 # ConvNeXt V2 TRAINING.md: base (group layer decay), tiny, atto (no MixUp/CutMix); all with EMA (not here)
@@ -80,7 +81,7 @@ RECIPES = {
 }                                                               # any other name: _MAE (ConvMAE FINETUNE.md is MAE's)
 # MAE main_linprobe.py: LARS, blr 0.1, no weight decay, 90 epochs, 16384 images per step, light augmentation
 LINPROBE = dict(epochs=90, warmup_epochs=10, batch_size=512, blr=0.1, min_lr=0.0, weight_decay=0.0, layer_decay=1.0,
-                drop_path=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, reprob=0.0, clip_grad=None)
+                drop_path=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, reprob=0.0, clip_grad=0.0)
 
 
 def trunc_normal_(tensor, std):
@@ -623,7 +624,9 @@ def get_args(argv=None):
     p.add_argument("--weight_decay", type=float, default=None, help=recipe)
     p.add_argument("--layer_decay", type=float, default=None, help=f"layer-wise lr decay; {recipe}")
     p.add_argument("--drop_path", type=float, default=None, help=recipe)
-    p.add_argument("--clip_grad", type=float, default=None, help="max grad norm; default: the recipe's (SimMIM 5)")
+    p.add_argument("--clip_grad", type=float, default=None, help="max grad norm, 0 = off; default: the recipe's (SimMIM 5)")
+    p.add_argument("--layer_decay_type", choices=["single", "group"], default=None,
+                   help="ConvNeXt V2 only: one layer id per block, or stage 3 in threes; default: the recipe's")
     p.add_argument("--mixup", type=float, default=None, help=f"MixUp alpha, 0 = off; {recipe}")
     p.add_argument("--cutmix", type=float, default=None, help=f"CutMix alpha, 0 = off; {recipe}")
     p.add_argument("--smoothing", type=float, default=None, help=f"label smoothing; {recipe}")
@@ -784,7 +787,7 @@ def main(args):
     # 4. model: the classifier, pre-trained weights, the linear-probe head; compile; DDP
     try:
         model = build_classifier(args.model, len(classes), args.input_size, args.drop_path, args.linprobe,
-                                 getattr(args, "window_size", None), getattr(args, "layer_decay_type", "single"))
+                                 getattr(args, "window_size", None), args.layer_decay_type)
     except ValueError as e:
         sys.exit(f"error: --input_size {args.input_size}: {e}")
     if args.finetune:
@@ -893,7 +896,7 @@ def main(args):
             bar.update()
             if not last_micro:
                 continue
-            if args.clip_grad is not None:
+            if args.clip_grad:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             scaler.step(optimizer)

@@ -59,13 +59,14 @@ def main(args):
         t_pre = run(script, "--model", name, "--epochs", args.pretrain_epochs, "--warmup_epochs", 1, *schedule,
                     *common, "--output_dir", os.path.join(out, "pretrain"))
         tune = ["--model", name, "--epochs", args.finetune_epochs, "--warmup_epochs", 1, "--lr", args.finetune_lr,
-                *common]
+                "--mixup", 0, "--cutmix", 0, "--reprob", 0, *common]     # short runs: the light part of the recipe
         t_ft = run("finetune.py", *tune, "--finetune", os.path.join(out, "pretrain", "checkpoint-last.pth"),
                    "--output_dir", os.path.join(out, "finetune"))
         t_sc = run("finetune.py", *tune, "--output_dir", os.path.join(out, "scratch"))
         rows.append((name, top1(os.path.join(out, "finetune")), top1(os.path.join(out, "scratch")), t_pre, t_ft, t_sc))
     print(f"\n{args.images} built-in images, pre-training {args.pretrain_epochs} epochs, fine-tuning "
-          f"{args.finetune_epochs} epochs at lr {args.finetune_lr} (batch {args.batch_size}; top-1 on "
+          f"{args.finetune_epochs} epochs at lr {args.finetune_lr} without MixUp, CutMix and random erasing "
+          f"(batch {args.batch_size}; top-1 on "
           f"{max(args.images // 4, 10)} validation images after the last epoch)\n")
     print("| model | fine-tuned from pre-training: top-1 % | from scratch: top-1 % | pre-train s | fine-tune s | scratch s |")
     print("|---|---|---|---|---|---|")
