@@ -102,6 +102,7 @@ class Classifier(nn.Module):
     """
     new_keys = ("head.", "fc_norm.")
     linear_probe = False
+    scratch_convs = False                       # timm's ViT leaves its patch convolutions at PyTorch's init
 
     def forward(self, imgs):
         if not self.linear_probe:
@@ -132,6 +133,23 @@ class Classifier(nn.Module):
             group["params"].append(p)
             group["names"].append(name)
         return list(groups.values())
+
+    def init_for_scratch(self):
+        """Training from scratch starts from the official fine-tuning model's init, not from the
+        pre-training file's (FCMAE's ends with std-1 weights, made for its sparse layers): here
+        timm's ViT / ConvNeXt rule, truncated normal .02 for linear and convolution weights
+        (`convs`), zero biases, LayerNorm 1 and 0, tokens and position embeddings .02."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, *((nn.Conv2d,) if self.scratch_convs else ()))) and m is not self.head:
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for name in ("cls_token", "pos_embed"):
+            if hasattr(self, name):
+                trunc_normal_(getattr(self, name), std=0.02)
 
     def make_linear_probe(self):
         """MAE main_linprobe.py: freeze all but the head, head = BatchNorm1d(no affine) -> Linear (std .01)."""
@@ -294,6 +312,9 @@ class SimMIMViT(Classifier):
     def no_weight_decay(self, name, p):
         return p.ndim == 1 or name.endswith(".bias") or name in ("pos_embed", "cls_token")
 
+    def init_for_scratch(self):
+        pass                                                            # the pre-training init is BEiT's, as here
+
     def adapt(self, state):
         """utils.py remap_pretrained_keys_vit: drop the `encoder.` prefix, copy the shared bias
         table into every block, resize tables to this grid; index buffers are this model's."""
@@ -346,6 +367,9 @@ class Swin(Classifier):
     def no_weight_decay(self, name, p):
         return p.ndim == 1 or name.endswith(".bias") or "relative_position_bias_table" in name
 
+    def init_for_scratch(self):
+        pass                                                            # the pre-training init is Swin's, as here
+
     def adapt(self, state):
         """utils.py remap_pretrained_keys_swin: tables resized to this window; the index and
         shift-mask buffers are this model's (they follow from the window)."""
@@ -364,6 +388,7 @@ class ConvNeXtV2(Classifier):
     """ConvNeXt V2's convnextv2.py: the dense encoder (per-image GRN), global average pooling,
     `norm`, head (init scaled by 0.001, main_finetune.py's head_init_scale)."""
     new_keys = ("head.", "norm.")
+    scratch_convs = True
 
     def __init__(self, pre, num_classes, global_pool=True, layer_decay_type="single"):
         super().__init__()
@@ -503,15 +528,15 @@ def load_weights(model, checkpoint, flag, strict=False):
 # --- data: train and eval transforms, MixUp / CutMix, the evaluation loader ---
 
 
-def train_transform(size, reprob):
+def train_transform(size, reprob, randaug=9):
     """timm's create_transform as the fine-tuning scripts call it, in torchvision.transforms.v2:
     random-resized crop (bicubic), flip, RandAugment rand-m9-mstd0.5-inc1 (torchvision's; see
     README for the differences), normalisation, random erasing (per-pixel normal noise)."""
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),
-        v2.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11, interpolation=BICUBIC,  # m9 of timm's 10
-                       fill=[round(255 * m) for m in IMAGENET_MEAN]),
+        v2.RandAugment(num_ops=2, magnitude=randaug, num_magnitude_bins=11, interpolation=BICUBIC,  # of timm's 10
+                       fill=[round(255 * m) for m in IMAGENET_MEAN]) if randaug > 0 else v2.Identity(),
         v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         v2.RandomErasing(p=reprob, value="random") if reprob > 0 else v2.Identity()])
@@ -631,6 +656,7 @@ def get_args(argv=None):
     p.add_argument("--cutmix", type=float, default=None, help=f"CutMix alpha, 0 = off; {recipe}")
     p.add_argument("--smoothing", type=float, default=None, help=f"label smoothing; {recipe}")
     p.add_argument("--reprob", type=float, default=None, help=f"random erasing probability; {recipe}")
+    p.add_argument("--randaug", type=int, default=9, help="RandAugment magnitude (of 10; 0 = off): timm's rand-m9")
     p.add_argument("--output_dir", default=None, help="default: output/<model>-finetune (or -linprobe)")
     p.add_argument("--resume", default="", help="checkpoint path, or 'auto' for output_dir/checkpoint-last.pth if present")
     p.add_argument("--seed", type=int, default=0)
@@ -662,6 +688,8 @@ def check_args(args):
     for flag in ("drop_path", "smoothing", "reprob"):
         if not 0.0 <= getattr(args, flag) < 1.0:
             sys.exit(f"error: --{flag} must be in [0, 1), got {getattr(args, flag)}")
+    if not 0 <= args.randaug <= 10:
+        sys.exit(f"error: --randaug must be in 0..10, got {args.randaug}")
     if not 0.0 < args.layer_decay <= 1.0:
         sys.exit(f"error: --layer_decay must be in (0, 1], got {args.layer_decay}")
     if args.eval and not args.resume:
@@ -775,7 +803,7 @@ def main(args):
         if args.data is not None and not os.path.isdir(os.path.join(args.data, "val")):
             log(f"warning: --data {args.data} has no val/ folder; evaluating on the training images")
         transform = pretrain_transform(args.input_size, scale=(0.08, 1.0)) if args.linprobe else \
-            train_transform(args.input_size, args.reprob)
+            train_transform(args.input_size, args.reprob, args.randaug)
         loader = None if args.eval else pretrain_loader(train_images, args.input_size, args.batch_size, 0, args.seed,
                                                         rank, world_size, args.num_workers, transform)
     except ValueError as e:
@@ -790,6 +818,8 @@ def main(args):
                                  getattr(args, "window_size", None), args.layer_decay_type)
     except ValueError as e:
         sys.exit(f"error: --input_size {args.input_size}: {e}")
+    if not args.finetune and not args.eval:
+        model.init_for_scratch()
     if args.finetune:
         missing, unused = load_weights(model, read_checkpoint(args.finetune, "--finetune"), f"--finetune {args.finetune}")
         log(f"loaded {args.finetune}\n  not in it (trained from their init): {summarize(missing)}\n"
