@@ -136,9 +136,10 @@ class Classifier(nn.Module):
 
     def init_for_scratch(self):
         """Training from scratch starts from the official fine-tuning model's init, not from the
-        pre-training file's (FCMAE's ends with std-1 weights, made for its sparse layers): here
-        timm's ViT / ConvNeXt rule, truncated normal .02 for linear and convolution weights
-        (`convs`), zero biases, LayerNorm 1 and 0, tokens and position embeddings .02."""
+        pre-training file's (FCMAE's ends with std-1 weights, which barely train): truncated
+        normal .02 for linear weights, and for convolution weights where that model re-inits
+        them (ConvNeXt; timm's ViT keeps PyTorch's), zero biases, LayerNorm 1 and 0, cls token
+        and position embedding .02. The head keeps its own init."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, *((nn.Conv2d,) if self.scratch_convs else ()))) and m is not self.head:
                 trunc_normal_(m.weight, std=0.02)
