@@ -43,8 +43,10 @@ Columns:
   vs official        official step ms / our step ms: above 1 means ours is faster
 """
 import argparse
+import contextlib
 import gc
 import inspect
+import io
 import math
 import os
 import statistics
@@ -295,7 +297,10 @@ def official(name, args, device):
         sys.path.insert(0, TESTS)
     from official import import_official                                # tests/official.py
     module_name, class_name = OFFICIAL[method(name)]
-    module = import_official(args.official[method(name)], module_name)   # shims old timm first
+    # shims old timm first; quietly, since models_fastconvmae.py's stray `from this import d` prints
+    # the Zen of Python into the table
+    with contextlib.redirect_stdout(io.StringIO()):
+        module = import_official(args.official[method(name)], module_name)
     from timm.optim.optim_factory import add_weight_decay              # what main_pretrain.py uses
     if method(name) == "simmim":
         torch.manual_seed(0)
