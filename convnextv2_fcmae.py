@@ -364,6 +364,9 @@ def check_args(args):
         sys.exit("error: --warmup_epochs and --num_workers must be >= 0")
     if not 0.0 < args.mask_ratio < 1.0:
         sys.exit(f"error: --mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    if args.amp == "fp16":         # std-1 init: proj/pred outputs at visible units (never trained) reach ~1e6
+        sys.exit("error: --amp fp16 overflows with FCMAE's official init (decoder outputs far above fp16's 65504); "
+                 "use --amp bf16 or none (the official fp32)")
     defaults = MODELS[args.model].keywords
     patch = 32                                                          # the mask patch and the total stride
     args.input_size = defaults.get("img_size", 224) if args.input_size is None else args.input_size

@@ -188,8 +188,8 @@ def test_simmim_sdpa_path_equals_the_explicit_attention(fp32, monkeypatch, name,
 # convolutions) gives outputs past fp16's largest value, 65504, at the visible units that the loss
 # never trains (measured at init, max |pred|: 4.6e6 for convnextv2_fcmae_base, 6.9e5 for atto; 3.4e4
 # for the test model, which crossed 65504 at step 119 of this test's fp16 run on an H100). inf there
-# times the mask's 0 makes the loss NaN, and the loop stops, as it should. The official FCMAE
-# trains in fp32; --amp bf16 (the default) has the range.
+# times the mask's 0 makes the loss NaN; convnextv2_fcmae.py therefore refuses --amp fp16 (one line).
+# The official FCMAE trains in fp32; --amp bf16 (the default) has the range.
 SCRIPTS = [("mae.py", "mae_vit_tiny", [], True),
            ("convmae.py", "convmae_convvit_tiny", [], True),
            ("fastconvmae.py", "fastconvmae_convvit_tiny", [], True),

@@ -254,6 +254,9 @@ def test_mixed_precision_on_cpu_and_switching_it_on_resume(m, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["scaler"] == {}
     r = run(m.script, *args, "--epochs", 2, "--amp", "fp16", "--resume", "auto")
+    if m.script == "convnextv2_fcmae.py":        # its official init overflows fp16 at real sizes: refused
+        assert r.returncode == 1 and last_line(r.stderr).startswith("error: --amp fp16 overflows"), r.stderr
+        return
     assert r.returncode == 0, r.stderr[-2000:]
     ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["scaler"]["scale"] > 0
