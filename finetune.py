@@ -61,7 +61,7 @@ MODELS = {name: method for method, module in METHODS.items() for name in module.
 # MAE FINETUNE.md / main_finetune.py: the base of every recipe here
 _MAE = dict(epochs=100, warmup_epochs=5, batch_size=32, blr=5e-4, min_lr=1e-6, weight_decay=0.05, layer_decay=0.65,
             drop_path=0.1, mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25, clip_grad=0.0, input_size=None,
-            layer_decay_type="single")
+            layer_decay_type="single", window_size=None)
 # SimMIM configs/*finetune*: lr 1.25e-3 per 512 images (= 6.25e-4 per 256), 20 warmup epochs, clip 5
 _SIMMIM = dict(_MAE, warmup_epochs=20, blr=6.25e-4, min_lr=5e-7, clip_grad=5.0)
 # ConvNeXt V2 TRAINING.md: base (group layer decay), tiny, atto (no MixUp/CutMix); all with EMA (not here)
@@ -235,7 +235,7 @@ class ConvViT(Classifier):
     stages and transformer stage on the whole image, no multi-scale fusion, no `norm`; the
     mean of the stage-3 tokens -> fc_norm -> head."""
 
-    def __init__(self, pre, num_classes, global_pool=True):
+    def __init__(self, pre, num_classes):
         super().__init__()
         D = pre.pos_embed.shape[-1]
         self.patch_embed1, self.patch_embed2, self.patch_embed3 = pre.patch_embed1, pre.patch_embed2, pre.patch_embed3
@@ -279,7 +279,7 @@ class SimMIMViT(Classifier):
     each block gets its own copy of the pre-trained shared relative position bias; the mean of
     the patch tokens -> fc_norm -> head (init scaled by 0.001); no final `norm`."""
 
-    def __init__(self, pre, num_classes, global_pool=True):
+    def __init__(self, pre, num_classes):
         super().__init__()
         enc = pre.encoder
         D = enc.num_features
@@ -338,7 +338,7 @@ class Swin(Classifier):
     head. Fine-tuned at another size and window than pre-trained (192 px, 6 -> 224 px, 7)."""
     new_keys = ("head.",)
 
-    def __init__(self, pre, num_classes, global_pool=True):
+    def __init__(self, pre, num_classes):
         super().__init__()
         enc = pre.encoder
         self.patch_embed, self.layers, self.norm = enc.patch_embed, enc.layers, enc.norm
@@ -391,7 +391,7 @@ class ConvNeXtV2(Classifier):
     new_keys = ("head.", "norm.")
     scratch_convs = True
 
-    def __init__(self, pre, num_classes, global_pool=True, layer_decay_type="single"):
+    def __init__(self, pre, num_classes, layer_decay_type="single"):
         super().__init__()
         enc = pre.encoder
         self.downsample_layers, self.stages = enc.downsample_layers, enc.stages
@@ -816,7 +816,7 @@ def main(args):
     # 4. model: the classifier, pre-trained weights, the linear-probe head; compile; DDP
     try:
         model = build_classifier(args.model, len(classes), args.input_size, args.drop_path, args.linprobe,
-                                 getattr(args, "window_size", None), args.layer_decay_type)
+                                 args.window_size, args.layer_decay_type)
     except ValueError as e:
         sys.exit(f"error: --input_size {args.input_size}: {e}")
     if not args.finetune and not args.eval:
