@@ -52,6 +52,7 @@ import mae
 import simmim
 from common import BICUBIC, IMAGENET_MEAN, IMAGENET_STD, ImageFiles, cosine_lr, load_images, pretrain_loader, \
     pretrain_transform, set_lr
+from mae import any_rank, save_training_state      # the loop's helpers, shared with the method files
 
 METHODS = {"mae": mae, "convmae": convmae, "fastconvmae": fastconvmae, "simmim": simmim, "convnextv2": convnextv2_fcmae}
 MODELS = {name: method for method, module in METHODS.items() for name in module.MODELS}   # model name -> method
@@ -709,38 +710,6 @@ def check_args(args):
 
 
 # --- training (main_finetune.py / main_linprobe.py + engine_finetune.py) ---
-
-
-def save_checkpoint(state, path):
-    """Atomic and durable: a crash mid-write, even of the machine, leaves the previous file intact."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_training_state(path, model, optimizer, scaler, args, epoch, batch_in_epoch):
-    """Every rank calls this (each rank's RNG streams are gathered); rank 0 writes."""
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    rngs = [rng]
-    if dist.is_initialized():
-        rngs = [None] * dist.get_world_size()
-        dist.all_gather_object(rngs, rng)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                         "world_size": len(rngs), "args": vars(args), "rng": rngs}, path)
-
-
-def any_rank(flag, group=None):
-    """True on every rank if `flag` is true on any: ranks must take the same branch around collectives."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([float(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
 
 
 def read_checkpoint(path, flag):
