@@ -19,6 +19,7 @@ same numbers (tests/test_fastconvmae.py checks it against fixtures made by the o
         --master_port=29500 fastconvmae.py --data /imagenet --batch_size 32    # 2 nodes, still 512
 """
 import argparse
+import copy
 import itertools
 import json
 import math
@@ -27,6 +28,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from functools import partial
 
@@ -142,10 +144,10 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
+    def __init__(self, dim, hidden, act_layer=nn.GELU):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = act_layer()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
@@ -155,12 +157,12 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block of stage 3 and the decoder (timm's names, LayerNorm eps 1e-6)."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0, eps=1e-6, act_layer=nn.GELU):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer)
         self.drop_path = drop_path
 
     def forward(self, x):                                               # [N, T, D]
@@ -221,13 +223,43 @@ def gather(x, ids):
     return torch.gather(x, 1, ids[..., None].expand(-1, -1, x.shape[-1]))
 
 
+def masked_mse(pred, target, mask):
+    """Squared error per unit (mean over its values), averaged over the hidden units of all views.
+    pred [V*N, L, C] (view by view), target [N, L, C] (the same for every view), mask [V*N, L]."""
+    loss = ((pred.unflatten(0, (VIEWS, -1)) - target) ** 2).mean(dim=-1)   # [V, N, L] per unit
+    return (loss.flatten(0, 1) * mask).sum() / mask.sum()
+
+
 # --- the model: ConvMAE's modules; four views through the encoder and decoder (§3.1) ---
 
 
+class Reconstructor(nn.Module):
+    """One branch of the Partially-Shared Decoder (MoR): blocks of its own on top of the shared
+    decoder blocks, a norm and a linear head that predicts one teacher's feature per unit."""
+
+    def __init__(self, dim, num_heads, depth, out_dim, mlp_ratio=4.0):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pred = nn.Linear(dim, out_dim)
+
+    def forward(self, x):                                               # [V*N, L, Dd]
+        for blk in self.blocks:
+            x = blk(x)
+        return self.pred(self.norm(x))                                  # [V*N, L, C]
+
+
 class MaskedAutoencoderConvViT(nn.Module):
+    """FastConvMAE. With `reconstructors` (MoR, off by default: {target name: feature width}) the
+    last `branch_depth` decoder blocks, decoder_norm and decoder_pred become the pixel branch,
+    and each target gets a Reconstructor fed by the shared blocks below; `loss_weights` weighs
+    each target's loss ('pixel' included; 1 where absent). The official keys are unchanged; the
+    branches add `reconstructors.<target>.*`."""
+
     def __init__(self, img_size=224, patch_size=(4, 2, 2), in_chans=3, embed_dim=(256, 384, 768), depth=(2, 2, 11),
                  num_heads=12, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-                 mlp_ratio=(4.0, 4.0, 4.0), norm_pix_loss=False, drop_path_rate=0.0):
+                 mlp_ratio=(4.0, 4.0, 4.0), norm_pix_loss=False, drop_path_rate=0.0,
+                 reconstructors=None, branch_depth=2, loss_weights=None):
         super().__init__()
         p1, p2, p3 = patch_size
         self.patch_size = p1 * p2 * p3                                  # pixels per mask unit side: 16
@@ -260,6 +292,17 @@ class MaskedAutoencoderConvViT(nn.Module):
                                              for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size ** 2 * in_chans)
+
+        # Mixture of Reconstructors (MoR): one branch per teacher, above the shared decoder blocks
+        reconstructors = reconstructors or {}
+        if reconstructors and not 0 < branch_depth < decoder_depth:
+            raise ValueError(f"branch_depth {branch_depth} must leave 1 to {decoder_depth - 1} of the "
+                             f"{decoder_depth} decoder blocks shared")
+        self.branch_depth = branch_depth if reconstructors else 0
+        self.reconstructors = nn.ModuleDict({name: Reconstructor(decoder_embed_dim, decoder_num_heads, branch_depth,
+                                                                 width, mlp_ratio[0])
+                                             for name, width in reconstructors.items()})
+        self.loss_weights = {name: 1.0 for name in ["pixel", *reconstructors]} | dict(loss_weights or {})
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -314,8 +357,17 @@ class MaskedAutoencoderConvViT(nn.Module):
             x = blk(x)
         return self.norm(x + fused), mask.flatten(0, 1), ids_restore
 
-    def forward_decoder(self, latent, ids_restore):
-        """latent [V*N, L_keep, D] -> pred [V*N, L, p*p*3]: pixels of every unit, in image order."""
+    def forward_unmasked(self, imgs):
+        """The encoder on every unit, computed as the pre-training latent is (multi-scale fusion,
+        norm): what the EMA teacher gives as targets (MoR). imgs [N, 3, H, W] -> [N, L, D]."""
+        x, stage1, stage2 = self._conv_stages(imgs)
+        for blk in self.blocks3:
+            x = blk(x)
+        return self.norm(x + self._fused(stage1, stage2))
+
+    def forward_decoder(self, latent, ids_restore, branches=()):
+        """latent [V*N, L_keep, D] -> pred [V*N, L, p*p*3]: pixels of every unit, in image order,
+        and {name: [V*N, L, C]} from the MoR branches named in `branches`."""
         x = self.decoder_embed(latent)                                  # [V*N, L_keep, Dd]
         (VN, K, _), (N, L) = x.shape, ids_restore.shape
         x = torch.cat([x, self.mask_token.expand(VN, L - K, -1)], dim=1)   # [V*N, L, Dd]
@@ -323,9 +375,13 @@ class MaskedAutoencoderConvViT(nn.Module):
         # (the official code rolls each view's sequence by k K first; the result is the same)
         shift = torch.arange(VIEWS, device=x.device).repeat_interleave(N)[:, None] * K
         x = gather(x, (ids_restore.repeat(VIEWS, 1) - shift) % L) + self.decoder_pos_embed   # image order
-        for blk in self.decoder_blocks:
+        shared = len(self.decoder_blocks) - self.branch_depth           # all of them without MoR
+        for blk in self.decoder_blocks[:shared]:
             x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))
+        features = {name: self.reconstructors[name](x) for name in branches}
+        for blk in self.decoder_blocks[shared:]:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x)), features
 
     def forward_loss(self, imgs, pred, mask):
         """ConvMAE's loss over the hidden units of all views: each view is scored against the
@@ -334,13 +390,29 @@ class MaskedAutoencoderConvViT(nn.Module):
         if self.norm_pix_loss:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6) ** 0.5
-        loss = ((pred.unflatten(0, (VIEWS, -1)) - target) ** 2).mean(dim=-1)   # [V, N, L] per unit
-        return (loss.flatten(0, 1) * mask).sum() / mask.sum()
+        return masked_mse(pred, target, mask)
 
-    def forward(self, imgs, mask_ratio=0.75, noise=None):
+    def feature_loss(self, pred, target, mask):
+        """A MoR branch's loss: the teacher's feature of each unit, normalised over its channels
+        (zero mean, unit variance: teachers' scales differ), scored as the pixels are.
+        pred [V*N, L, C], target [N, L, C], mask [V*N, L]."""
+        target = F.layer_norm(target.float(), target.shape[-1:], eps=1e-6)
+        return masked_mse(pred, target, mask)
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None, targets=None):
+        """-> loss, pred [V*N, L, p*p*3], mask [V*N, L]. With `targets` (MoR: {name: teacher
+        features [N, L, C]} for every branch) the first output is a dict of losses instead:
+        'pixel', one per target, and 'loss', their sum weighted by loss_weights."""
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
-        pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(imgs, pred, mask), pred, mask
+        if targets is not None and set(targets) != set(self.reconstructors):
+            raise ValueError(f"targets {sorted(targets)} do not match the branches {sorted(self.reconstructors)}")
+        pred, features = self.forward_decoder(latent, ids_restore, targets or ())
+        loss = self.forward_loss(imgs, pred, mask)
+        if targets is None:
+            return loss, pred, mask
+        losses = {"pixel": loss} | {name: self.feature_loss(features[name], targets[name], mask) for name in targets}
+        losses["loss"] = sum(self.loss_weights[name] * value for name, value in losses.items())
+        return losses, pred, mask
 
     def forward_features(self, imgs):
         """The encoder on all units, as the official fine-tuning model (models_convvit.py) runs it:
@@ -358,6 +430,177 @@ class MaskedAutoencoderConvViT(nn.Module):
             target = patchify(imgs, self.patch_size).repeat(pred.shape[0] // imgs.shape[0], 1, 1)
             pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
         return unpatchify(pred, self.patch_size)
+
+
+# --- Mixture of Reconstructors: the teachers whose features the branches predict (MoR) ---
+# The paper's figure: an EMA copy of the encoder, DINO and CLIP give targets for the hidden
+# units, one decoder branch each. No code was released; README says what is our reading.
+
+DECODER = ("decoder_embed", "mask_token", "decoder_pos_embed", "decoder_blocks", "decoder_norm", "decoder_pred",
+           "reconstructors")
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def ema_teacher(student):
+    """A frozen copy of the student's encoder (its state_dict: the encoder's keys)."""
+    teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    for name in DECODER:
+        delattr(teacher, name)
+    return teacher
+
+
+@torch.no_grad()
+def update_ema(teacher, student, momentum):
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+    student = dict(student.named_parameters())
+    names, params = zip(*teacher.named_parameters())
+    torch._foreach_lerp_(list(params), [student[n].detach() for n in names], 1.0 - momentum)
+
+
+def ema_momentum(epoch, base, epochs):
+    """BYOL's and DINO's schedule: from `base` at the start to 1 at the end, half a cosine."""
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * epoch / epochs) + 1) / 2
+
+
+class QuickGELU(nn.Module):
+    """CLIP's activation: x * sigmoid(1.702 x)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class ViTTeacher(nn.Module):
+    """A plain ViT returning the patch tokens of its last layer after the final norm: a DINO ViT
+    (timm's names) or, with clip=True, CLIP's image tower (ln_pre, QuickGELU, LayerNorm eps 1e-5,
+    and the projection into CLIP's joint space). Heads are 64 wide, as in every DINO and CLIP ViT."""
+
+    def __init__(self, patch_size, dim, depth, tokens, clip=False, out_dim=None):
+        super().__init__()
+        eps = 1e-5 if clip else 1e-6
+        self.patch_size = patch_size
+        self.patch_embed = nn.Conv2d(3, dim, patch_size, stride=patch_size, bias=not clip)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, tokens, dim))
+        self.ln_pre = nn.LayerNorm(dim, eps=eps) if clip else nn.Identity()
+        self.blocks = nn.ModuleList([Block(dim, dim // 64, 4.0, eps=eps, act_layer=QuickGELU if clip else nn.GELU)
+                                     for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.proj = nn.Linear(dim, out_dim, bias=False) if clip else nn.Identity()
+
+    def forward(self, x):                                               # [N, 3, H, W]
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)              # [N, T, D]
+        g = int(math.sqrt(self.pos_embed.shape[1] - 1))
+        pos = self.pos_embed
+        if x.shape[1] != g * g:                                         # another image size: resize the grid
+            side = int(math.sqrt(x.shape[1]))
+            grid = pos[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
+            pos = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+        x = self.ln_pre(torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + pos)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.proj(self.norm(x[:, 1:]))                           # [N, T, C]
+
+    @classmethod
+    def from_state_dict(cls, state):
+        """A DINO/timm ViT state_dict (cls_token, pos_embed, patch_embed.proj, blocks.i.*, norm), or an
+        OpenAI CLIP one (visual.conv1, visual.transformer.resblocks.i.*, ...; the text tower is ignored)."""
+        if "visual.conv1.weight" in state:
+            v = {k[len("visual."):]: t for k, t in state.items() if k.startswith("visual.")}
+            dim, patch = v["conv1.weight"].shape[0], v["conv1.weight"].shape[-1]
+            depth = len({k.split(".")[2] for k in v if k.startswith("transformer.resblocks.")})
+            ours = {"patch_embed.weight": v["conv1.weight"], "cls_token": v["class_embedding"].view(1, 1, -1),
+                    "pos_embed": v["positional_embedding"][None], "ln_pre.weight": v["ln_pre.weight"],
+                    "ln_pre.bias": v["ln_pre.bias"], "norm.weight": v["ln_post.weight"],
+                    "norm.bias": v["ln_post.bias"], "proj.weight": v["proj"].t()}
+            names = {"attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias",
+                     "attn.out_proj.weight": "attn.proj.weight", "attn.out_proj.bias": "attn.proj.bias",
+                     "ln_1.weight": "norm1.weight", "ln_1.bias": "norm1.bias", "ln_2.weight": "norm2.weight",
+                     "ln_2.bias": "norm2.bias", "mlp.c_fc.weight": "mlp.fc1.weight", "mlp.c_fc.bias": "mlp.fc1.bias",
+                     "mlp.c_proj.weight": "mlp.fc2.weight", "mlp.c_proj.bias": "mlp.fc2.bias"}
+            for i in range(depth):
+                for theirs, mine in names.items():
+                    ours[f"blocks.{i}.{mine}"] = v[f"transformer.resblocks.{i}.{theirs}"]
+            teacher = cls(patch, dim, depth, v["positional_embedding"].shape[0], clip=True,
+                          out_dim=v["proj"].shape[1])
+        else:
+            state = {k.removeprefix("backbone."): t for k, t in state.items()}   # DINO's training checkpoints
+            ours = {k.replace("patch_embed.proj.", "patch_embed."): t for k, t in state.items()
+                    if not k.startswith("head.")}
+            depth = len({k.split(".")[1] for k in ours if k.startswith("blocks.")})
+            w = ours["patch_embed.weight"]
+            teacher = cls(w.shape[-1], w.shape[0], depth, ours["pos_embed"].shape[1])
+        teacher.load_state_dict(ours)
+        return teacher
+
+
+class FeatureTeacher(nn.Module):
+    """A frozen external teacher (DINO, CLIP): images normalised as ours -> the teacher's own
+    normalisation -> its patch features, one per mask unit [N, L, C]. `net` returns tokens
+    [N, T, C] (T = g*g, or 1 + g*g with a leading cls token, dropped) or a map [N, C, g, g];
+    a grid finer than ours by a whole factor is average-pooled onto ours."""
+
+    def __init__(self, net, mean, std, grid):
+        super().__init__()
+        self.net = net                                                  # in eval mode (load_teacher)
+        for p in net.parameters():                                      # (ScriptModules lack requires_grad_)
+            p.requires_grad_(False)
+        self.grid = grid
+        ours_mean, ours_std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        theirs_mean, theirs_std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+        self.register_buffer("scale", ours_std / theirs_std, persistent=False)     # x_theirs = x * scale + shift
+        self.register_buffer("shift", (ours_mean - theirs_mean) / theirs_std, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, imgs):                                            # [N, 3, H, W]
+        out = self.net(imgs * self.scale + self.shift)
+        if out.ndim == 4:                                               # a map [N, C, g, g]
+            out = out.flatten(2).transpose(1, 2)
+        if out.ndim != 3:
+            raise ValueError(f"returns shape {list(out.shape)}; it must return tokens [N, T, C] or a map [N, C, g, g]")
+        side = math.isqrt(out.shape[1])
+        if side * side != out.shape[1]:                                 # a cls token first
+            out, side = out[:, 1:], math.isqrt(out.shape[1] - 1)
+        if side * side != out.shape[1] or side % self.grid:
+            raise ValueError(f"returns {out.shape[1]} tokens: not a square grid that pools onto the "
+                             f"{self.grid} x {self.grid} units of this input size")
+        if side != self.grid:
+            out = F.avg_pool2d(out.transpose(1, 2).unflatten(2, (side, side)), side // self.grid)
+            out = out.flatten(2).transpose(1, 2)
+        return out.float()                                              # [N, L, C]
+
+
+def load_teacher(path, kind, grid):
+    """--teacher_dino / --teacher_clip FILE -> FeatureTeacher. FILE is a module mapping images to
+    patch features, saved by torch.export (.pt2) or as TorchScript; OpenAI's CLIP release
+    (TorchScript: its image tower is rebuilt as a ViTTeacher); or a ViT state_dict in DINO's or
+    CLIP's layout (DINO's official release loads as is)."""
+    mean, std = (CLIP_MEAN, CLIP_STD) if kind == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+    if not os.path.isfile(path):
+        raise ValueError("no such file")
+    if path.endswith(".pt2"):
+        try:
+            return FeatureTeacher(torch.export.load(path).module(), mean, std, grid)   # exported in eval mode
+        except Exception as e:
+            raise ValueError(f"not a torch.export program ({type(e).__name__})") from None
+    try:
+        with warnings.catch_warnings():                                 # TorchScript is deprecated, still served
+            warnings.simplefilter("ignore", FutureWarning)
+            net = torch.jit.load(path, map_location="cpu")
+        if "visual.conv1.weight" in net.state_dict():                   # OpenAI's CLIP: rebuild its ViT
+            net = ViTTeacher.from_state_dict(net.state_dict())
+    except RuntimeError:                                                # not TorchScript: a checkpoint
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"neither TorchScript nor a readable checkpoint ({type(e).__name__})") from None
+        state = state.get("teacher", state.get("model", state)) if isinstance(state, dict) else state
+        try:
+            net = ViTTeacher.from_state_dict(state)
+        except (KeyError, AttributeError, IndexError, RuntimeError) as e:
+            raise ValueError(f"not a ViT state_dict in DINO's or CLIP's layout ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0][:120]})") from None
+    return FeatureTeacher(net.eval(), mean, std, grid)
 
 
 # --- model builders (models_fastconvmae.py: the base size, decoder fixed at 8 blocks) ---
@@ -385,7 +628,7 @@ def load_pretrained(model, checkpoint):
     ours = model.state_dict()
     unexpected = sorted(set(state) - set(ours))
     missing = sorted(set(ours) - set(state))
-    encoder_missing = [k for k in missing if not k.startswith(("decoder_", "mask_token"))]
+    encoder_missing = [k for k in missing if not k.startswith(DECODER)]
     if unexpected or encoder_missing:
         raise ValueError(f"checkpoint does not fit {type(model).__name__}: unexpected {unexpected[:5]}, "
                          f"missing {encoder_missing[:5]} (a fine-tuned classifier? use finetune.py)")
@@ -416,6 +659,18 @@ def get_args(argv=None):
     p.add_argument("--min_lr", type=float, default=0.0)
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--clip_grad", type=float, default=None, help="max grad norm; FastConvMAE uses none")
+    # Mixture of Reconstructors (paper only; README: what is the paper's and what is our reading)
+    p.add_argument("--mor", action="store_true", help="Mixture of Reconstructors: a partially shared decoder "
+                   "predicting pixels and the features of an EMA copy of the encoder (+ --teacher_dino/--teacher_clip)")
+    p.add_argument("--teacher_dino", default=None, metavar="FILE", help="with --mor: a DINO teacher, TorchScript "
+                   "(images -> patch features) or a ViT state_dict in DINO's layout; fed ImageNet-normalised images")
+    p.add_argument("--teacher_clip", default=None, metavar="FILE", help="with --mor: a CLIP teacher, OpenAI's "
+                   "release file or TorchScript (images -> patch features); fed CLIP-normalised images")
+    p.add_argument("--mor_branch_depth", type=int, default=None, help="decoder blocks of each branch, the others "
+                   "shared; default: a quarter of the decoder (base: 2 of 8), at least 1")
+    p.add_argument("--ema_momentum", type=float, default=0.996, help="EMA teacher momentum at the start (cosine to 1)")
+    p.add_argument("--mor_weights", nargs="*", default=[], metavar="NAME=W",
+                   help="loss weights, e.g. pixel=1 ema=0.5 clip=2 (default 1 each)")
     # system
     p.add_argument("--output_dir", default=None, help="default: output/<model>")
     p.add_argument("--resume", default="", help="checkpoint path, or 'auto' for output_dir/checkpoint-last.pth if present")
@@ -442,6 +697,7 @@ def check_args(args):
     if not 0.0 < args.mask_ratio < 1.0:
         sys.exit(f"error: --mask_ratio must be in (0, 1), got {args.mask_ratio}")
     defaults = MODELS[args.model].keywords
+    check_mor_args(args, defaults.get("decoder_depth", 8))
     patch = math.prod(defaults["patch_size"])                           # total stride: pixels per unit side
     args.input_size = defaults.get("img_size", 224) if args.input_size is None else args.input_size
     if args.input_size <= 0 or args.input_size % patch:
@@ -452,6 +708,34 @@ def check_args(args):
         sys.exit(f"error: --mask_ratio {args.mask_ratio} with --input_size {args.input_size} ({L} units) does not "
                  f"split into {VIEWS} complementary views; use --mask_ratio 0.75 and a unit count divisible by 4")
     args.output_dir = args.output_dir or os.path.join("output", args.model)
+
+
+def check_mor_args(args, decoder_depth):
+    for kind in ("dino", "clip"):
+        path = getattr(args, f"teacher_{kind}")
+        if path and not args.mor:
+            sys.exit(f"error: --teacher_{kind} gives a Mixture-of-Reconstructors target; add --mor")
+        if path and not os.path.isfile(path):
+            sys.exit(f"error: --teacher_{kind} {path}: no such file")
+    if args.mor_branch_depth is None:
+        args.mor_branch_depth = max(decoder_depth // 4, 1)
+    if args.mor and not 0 < args.mor_branch_depth < decoder_depth:
+        sys.exit(f"error: --mor_branch_depth must be 1 to {decoder_depth - 1} ({args.model}'s decoder has "
+                 f"{decoder_depth} blocks, at least one shared), got {args.mor_branch_depth}")
+    if not 0.0 <= args.ema_momentum <= 1.0:
+        sys.exit(f"error: --ema_momentum must be in [0, 1], got {args.ema_momentum}")
+    targets = ["pixel", "ema"] + [k for k in ("dino", "clip") if getattr(args, f"teacher_{k}")]
+    weights = {}
+    for item in args.mor_weights:
+        name, _, value = item.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            sys.exit(f"error: --mor_weights {item}: expected NAME=NUMBER, e.g. ema=0.5")
+        if name not in targets or not args.mor:
+            sys.exit(f"error: --mor_weights {item}: {name} is not a target of this run (targets: "
+                     f"{', '.join(targets) if args.mor else 'none without --mor'})")
+    args.mor_weights = [f"{k}={v}" for k, v in weights.items()]
 
 
 # --- training (main_pretrain.py + engine_pretrain.py) ---
@@ -467,7 +751,7 @@ def save_checkpoint(state, path):
     os.replace(tmp, path)
 
 
-def save_training_state(path, model, optimizer, scaler, args, epoch, batch_in_epoch):
+def save_training_state(path, model, optimizer, scaler, args, epoch, batch_in_epoch, ema=None):
     """Every rank calls this (each rank's RNG streams are gathered); rank 0 writes."""
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rngs = [rng]
@@ -477,7 +761,8 @@ def save_training_state(path, model, optimizer, scaler, args, epoch, batch_in_ep
     if not dist.is_initialized() or dist.get_rank() == 0:
         save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                         "world_size": len(rngs), "args": vars(args), "rng": rngs}, path)
+                         "world_size": len(rngs), "args": vars(args), "rng": rngs,
+                         **({"ema": ema.state_dict()} if ema is not None else {})}, path)
 
 
 def param_groups(model, weight_decay):
@@ -510,6 +795,12 @@ def load_checkpoint(path, model_name):
         sys.exit(f"error: --resume {path} is not a {model_name} training checkpoint ({found}); "
                  f"pass --model to match it or start a new --output_dir")
     return ckpt
+
+
+def teacher_targets(ema, teachers, imgs):
+    """MoR targets: each teacher's features of the whole image, {name: [N, L, C]}, without gradients."""
+    with torch.no_grad():
+        return {"ema": ema.forward_unmasked(imgs)} | {kind: teacher(imgs) for kind, teacher in teachers.items()}
 
 
 @torch.no_grad()
@@ -571,13 +862,31 @@ def main(args):
     if batches_per_epoch == 0:
         sys.exit(f"error: --accum_iter {args.accum_iter} exceeds the {len(loader)} batches per epoch; lower it")
 
-    # 4. model: build, optionally compile, then wrap in DDP
-    model = MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss).to(device)
+    # 4. model: build, optionally compile, then wrap in DDP. With --mor, the teachers come first
+    # (their widths size the branches) and the EMA teacher starts as a copy of the encoder
+    teachers = {}
+    for kind in ("dino", "clip"):
+        path = getattr(args, f"teacher_{kind}")
+        if path:
+            try:
+                teachers[kind] = load_teacher(path, kind, math.isqrt(L)).to(device)
+                teachers[kind](demo_imgs[:1])                           # fails here, not mid-run
+            except (ValueError, RuntimeError) as e:
+                sys.exit(f"error: --teacher_{kind} {path}: {str(e).strip().splitlines()[0][:200]}")
+    mor = None
+    if args.mor:
+        with torch.no_grad():
+            mor = {"ema": MODELS[args.model].keywords["embed_dim"][-1]} | \
+                  {kind: t(demo_imgs[:1]).shape[-1] for kind, t in teachers.items()}
+    weights = {k: float(v) for k, v in (w.split("=") for w in args.mor_weights)}
+    model = MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss, reconstructors=mor,
+                               branch_depth=args.mor_branch_depth, loss_weights=weights).to(device)
     model_without_ddp = model
     if args.compile:
         model = torch.compile(model)
     if distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    ema = ema_teacher(model_without_ddp) if args.mor else None           # after DDP: rank 0's weights everywhere
 
     # 5. param groups: no weight decay on biases, norms (1-D) and tokens
     groups = param_groups(model_without_ddp, args.weight_decay)
@@ -589,6 +898,11 @@ def main(args):
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
                 if amp != "none" else nullcontext())
+    if args.mor:
+        log(f"MoR: targets {', '.join(model_without_ddp.loss_weights)} | weights "
+            f"{' '.join(f'{k}={v:g}' for k, v in model_without_ddp.loss_weights.items())} | "
+            f"{args.mor_branch_depth} of {len(model_without_ddp.decoder_blocks)} decoder blocks per branch | "
+            f"EMA momentum {args.ema_momentum} -> 1")
     log(f"{args.model} | {sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.1f} M params | "
         f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {world_size} | lr {args.lr:.3g} | "
         f"{batches_per_epoch // args.accum_iter} steps/epoch | amp {amp} | {device}")
@@ -606,6 +920,8 @@ def main(args):
             sys.exit(f"error: --resume {resume} does not fit {args.model} at --input_size {args.input_size} "
                      f"({str(e).strip().splitlines()[-1].strip()})")
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ema is not None:                                             # the branches loaded: a --mor run's
+            ema.load_state_dict(ckpt["ema"])
         if ckpt["scaler"] and scaler.is_enabled():                      # empty unless saved by an fp16 run
             scaler.load_state_dict(ckpt["scaler"])
         epoch, batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
@@ -620,7 +936,7 @@ def main(args):
             if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
                 torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
         log(f"resumed from {resume} at epoch {epoch}, batch {batch_in_epoch}")
-    save_state = partial(save_training_state, path_last, model_without_ddp, optimizer, scaler, args)
+    save_state = partial(save_training_state, path_last, model_without_ddp, optimizer, scaler, args, ema=ema)
 
     stop = {"signal": None}                                              # SIGTERM: save at the next step
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
@@ -628,13 +944,15 @@ def main(args):
 
     # 9. loop
     log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
+    loss_names = ["loss", *model_without_ddp.loss_weights] if args.mor else ["loss"]   # logged: total, then each
     model.train()
     while epoch < args.epochs:
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip_batches = batch_in_epoch
         bar = tqdm(total=batches_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}", disable=not is_main,
                    dynamic_ncols=True, leave=False, mininterval=0.1 if sys.stderr.isatty() else 30)  # quiet batch logs
-        loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.bool)
+        loss_sum = torch.zeros(len(loss_names), device=device)
+        nonfinite = torch.zeros((), device=device, dtype=torch.bool)
         n_logged, t_log, mean_loss = 0, time.time(), float("nan")
         for imgs, noise in itertools.islice(loader, batches_per_epoch - batch_in_epoch):
             if batch_in_epoch % args.accum_iter == 0:
@@ -645,10 +963,13 @@ def main(args):
             last_micro = (batch_in_epoch + 1) % args.accum_iter == 0
             # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs
             with (model.no_sync() if distributed and not last_micro else nullcontext()), autocast:
-                loss, _, _ = model(imgs, args.mask_ratio, noise)
-            scaler.scale(loss / args.accum_iter).backward()
-            loss = loss.detach().float()
-            nonfinite |= ~torch.isfinite(loss)                           # checked at log time: no sync per step
+                if args.mor:                                             # the teachers see the whole image
+                    losses, _, _ = model(imgs, args.mask_ratio, noise, teacher_targets(ema, teachers, imgs))
+                else:
+                    losses = {"loss": model(imgs, args.mask_ratio, noise)[0]}
+            scaler.scale(losses["loss"] / args.accum_iter).backward()
+            loss = torch.stack([losses[k].detach().float() for k in loss_names])
+            nonfinite |= ~torch.isfinite(loss[0])                        # checked at log time: no sync per step
             loss_sum += loss
             batch_in_epoch += 1
             bar.update()
@@ -660,20 +981,25 @@ def main(args):
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:                                          # the EMA teacher follows the step
+                update_ema(ema, model_without_ddp,
+                           ema_momentum(epoch + batch_in_epoch / batches_per_epoch, args.ema_momentum, args.epochs))
             n_logged += args.accum_iter
             step = batch_in_epoch // args.accum_iter
             stopping = any_rank(stop["signal"] is not None, stop_group)
             if step % args.log_every == 0 or batch_in_epoch == batches_per_epoch or stopping:
-                stats = torch.stack([loss_sum / n_logged, nonfinite.float()])
+                stats = torch.cat([loss_sum / n_logged, nonfinite.float()[None]])
                 if distributed:
                     dist.all_reduce(stats)
-                mean_loss, bad = stats[0].item() / world_size, stats[1].item() > 0
+                means, bad = (stats[:-1] / world_size).tolist(), stats[-1].item() > 0
+                mean_loss = means[0]
                 if bad or not math.isfinite(mean_loss):
                     bar.close()
                     sys.exit(f"error: loss is {mean_loss} at epoch {epoch} step {step}; stopping without saving. "
                              f"The last good checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
                 ips = n_logged * args.batch_size * world_size / (time.time() - t_log)
-                record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "img_per_s": round(ips, 1)}
+                record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "img_per_s": round(ips, 1),
+                          **{f"loss_{k}": v for k, v in zip(loss_names[1:], means[1:])}}
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
                 if is_main:
                     log_file.write(json.dumps(record) + "\n")

@@ -11,6 +11,7 @@ rate, to show how close the step gets to what the hardware does at best.
     python tests/bench.py --models mae_vit_tiny convmae_convvit_tiny --device cpu --steps 5
     python tests/bench.py --amp fp16 --compile --channels_last --batch 64
     python tests/bench.py --official mae=path/to/mae        # side by side with facebookresearch/mae
+    python tests/bench.py --models fastconvmae_convvit_base_patch16 --mor --batch 4   # with / without MoR
     python tests/bench.py --models convmae_convvit_base_patch16 fastconvmae_convvit_base_patch16 \
         --official convmae=path/to/ConvMAE fastconvmae=path/to/FastConvMAE --batch 4
 
@@ -23,6 +24,12 @@ importable; tests/official.py patches that old timm and numpy for current torch.
 forward draws its own masking noise. Timing rounds alternate ours / official so that machine
 noise hits both alike. The official ConvMAE/FastConvMAE run only at 224 px with strides 4-2-2,
 so their *_tiny models have no official row.
+
+--mor adds, for FastConvMAE models, two rows timed in the same rounds: the Mixture of
+Reconstructors with the EMA teacher only, and with EMA, DINO and CLIP teachers. The stand-ins for
+DINO and CLIP are ViTTeachers of their sizes with random weights (base: ViT-B/16, and CLIP's
+projection to 512), since their cost does not depend on the weights. A MoR step includes the
+teachers' forward passes (no gradient) and the EMA update, as the training loop runs them.
 
 Steps: --warmup untimed steps per model, then --rounds rounds of --steps timed steps, each
 step timed on its own (with torch.cuda.synchronize on CUDA); the table shows the median.
@@ -95,6 +102,7 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds (alternating with --official)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model before timing")
+    p.add_argument("--mor", action="store_true", help="FastConvMAE: add rows with the Mixture of Reconstructors")
     p.add_argument("--official", nargs="+", default=[], metavar="METHOD=PATH",
                    help=f"official checkouts to compare with; METHOD is one of {', '.join(METHODS)}")
     args = p.parse_args(argv)
@@ -196,6 +204,7 @@ class Contender:
     loss: Callable                              # (model, imgs, noise) -> loss
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    after_step: Callable = None                 # the MoR EMA update
     gflop: float = 0.0
     times_ms: list = field(default_factory=list)
     peak_mb: float = 0.0
@@ -253,6 +262,33 @@ def ours(name, args, device):
     ratio = mask_ratio(name)
     return make_contender(name, model, lambda m, imgs, noise: m(imgs, ratio, noise)[0],
                           module.param_groups, args, device, fused=fused)
+
+
+def ours_with_mor(name, args, device, external):
+    """FastConvMAE with the Mixture of Reconstructors: the EMA teacher, and DINO/CLIP stand-ins if `external`."""
+    torch.manual_seed(0)
+    a = arch(name)
+    grid, dim = units_side(name), a["embed_dim"][-1]
+    patch = a["img_size"] // grid                                       # the teachers' patches are the units
+    vit = dict(patch_size=patch, dim=dim, depth=12 if dim >= 768 else 2, tokens=grid * grid + 1)
+    teachers = {}
+    if external:
+        teachers = {kind: fastconvmae.FeatureTeacher(fastconvmae.ViTTeacher(**vit, clip=clip, out_dim=dim * 2 // 3)
+                                                     .eval(), mean, std, grid).to(device)
+                    for kind, clip, mean, std in [("dino", False, fastconvmae.IMAGENET_MEAN, fastconvmae.IMAGENET_STD),
+                                                  ("clip", True, fastconvmae.CLIP_MEAN, fastconvmae.CLIP_STD)]}
+    widths = {"ema": dim} | {kind: teacher(torch.zeros(1, 3, a["img_size"], a["img_size"], device=device)).shape[-1]
+                             for kind, teacher in teachers.items()}
+    model = fastconvmae.MODELS[name](norm_pix_loss=True, reconstructors=widths,
+                                     branch_depth=max(a["decoder_depth"] // 4, 1)).to(device)
+    ema = fastconvmae.ema_teacher(model)
+
+    def loss(m, imgs, noise):
+        return m(imgs, 0.75, noise, fastconvmae.teacher_targets(ema, teachers, imgs))[0]["loss"]
+    label = f"{name} +MoR ({', '.join(widths)})"
+    c = make_contender(label, model, loss, fastconvmae.param_groups, args, device, fused=True)
+    c.after_step = partial(fastconvmae.update_ema, ema, model, 0.996)
+    return c
 
 
 def official_kwargs(name):
@@ -325,6 +361,8 @@ def train_step(c, imgs, noise, autocast):
     c.scaler.scale(loss).backward()
     c.scaler.step(c.optimizer)
     c.scaler.update()
+    if c.after_step:
+        c.after_step()
 
 
 def count_gflop(c, imgs, noise, autocast):
@@ -362,6 +400,8 @@ def bench_model(name, args, device, autocast):
     noise = torch.rand(args.batch, units_side(name) ** 2, device=device)
     with_official = method(name) in args.official and official_kwargs(name) is not None
     contenders = [ours(name, args, device)] + ([official(name, args, device)] if with_official else [])
+    if args.mor and method(name) == "fastconvmae":
+        contenders += [ours_with_mor(name, args, device, external) for external in (False, True)]
     for c in contenders:
         c.gflop = count_gflop(c, imgs, noise, autocast)
         if args.compile and c is contenders[0]:                        # the official code runs eager
@@ -414,7 +454,8 @@ def print_rows(contenders, img_size, args, device, dtype, peak):
                img_size, fmt(ms[i]), fmt(args.batch / ms[i] * 1e3), fmt(c.peak_mb), fmt(c.gflop), fmt(achieved),
                f"{100 * achieved / peak:.1f}"]
         if args.official:
-            row.append(f"{ms[1] / ms[0]:.2f}x" if i == 0 and len(ms) > 1 else "")
+            official = [j for j, o in enumerate(contenders) if o.label.endswith("(official)")]
+            row.append(f"{ms[official[0]] / ms[0]:.2f}x" if i == 0 and official else "")
         print("| " + " | ".join(map(str, row)) + " |", flush=True)
 
 
