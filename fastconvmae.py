@@ -13,7 +13,14 @@ Official code: https://github.com/Alpha-VL/FastConvMAE (complementary masking on
 This file rebuilds the official pre-training model with plain PyTorch: same state_dict,
 same numbers (tests/test_fastconvmae.py checks it against fixtures made by the official code).
 
+--mor adds the part its authors did not release, the Mixture of Reconstructors: the decoder's
+last blocks branch, one branch per target, and besides the pixels the branches predict the
+features of teachers (an EMA copy of the encoder; DINO and CLIP from user-supplied files) at
+the hidden units. The official README's figure (figures/FastConvMAE.png) is our source for
+it; our README lists what is our reading where that figure is silent.
+
     python fastconvmae.py --model fastconvmae_convvit_tiny --epochs 5 --warmup_epochs 1   # CPU demo
+    python fastconvmae.py --model fastconvmae_convvit_tiny --epochs 5 --warmup_epochs 1 --mor   # + EMA teacher
     torchrun --nproc_per_node=8 fastconvmae.py --data /imagenet      # PRETRAIN.md: 8 x 64 = 512 per step
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK --master_addr=$MASTER_ADDR \
         --master_port=29500 fastconvmae.py --data /imagenet --batch_size 32    # 2 nodes, still 512
@@ -433,8 +440,8 @@ class MaskedAutoencoderConvViT(nn.Module):
 
 
 # --- Mixture of Reconstructors: the teachers whose features the branches predict (MoR) ---
-# The paper's figure: an EMA copy of the encoder, DINO and CLIP give targets for the hidden
-# units, one decoder branch each. No code was released; README says what is our reading.
+# The official README's figure: an EMA copy of the encoder, DINO and CLIP give targets for the
+# hidden units, one decoder branch each. No code was released; README says what is our reading.
 
 DECODER = ("decoder_embed", "mask_token", "decoder_pos_embed", "decoder_blocks", "decoder_norm", "decoder_pred",
            "reconstructors")
@@ -504,8 +511,11 @@ class ViTTeacher(nn.Module):
     @classmethod
     def from_state_dict(cls, state):
         """A DINO/timm ViT state_dict (cls_token, pos_embed, patch_embed.proj, blocks.i.*, norm), or an
-        OpenAI CLIP one (visual.conv1, visual.transformer.resblocks.i.*, ...; the text tower is ignored)."""
+        OpenAI CLIP ViT one (visual.conv1, visual.transformer.resblocks.i.*, ...; the text tower is
+        ignored). OpenAI's ViTs use QuickGELU; open_clip's LAION ViTs, same names, use GELU: not these."""
         if "visual.conv1.weight" in state:
+            if "visual.class_embedding" not in state:
+                raise ValueError("a CLIP ResNet image tower; only CLIP ViTs are supported")
             v = {k[len("visual."):]: t for k, t in state.items() if k.startswith("visual.")}
             dim, patch = v["conv1.weight"].shape[0], v["conv1.weight"].shape[-1]
             depth = len({k.split(".")[2] for k in v if k.startswith("transformer.resblocks.")})
@@ -524,7 +534,6 @@ class ViTTeacher(nn.Module):
             teacher = cls(patch, dim, depth, v["positional_embedding"].shape[0], clip=True,
                           out_dim=v["proj"].shape[1])
         else:
-            state = {k.removeprefix("backbone."): t for k, t in state.items()}   # DINO's training checkpoints
             ours = {k.replace("patch_embed.proj.", "patch_embed."): t for k, t in state.items()
                     if not k.startswith("head.")}
             depth = len({k.split(".")[1] for k in ours if k.startswith("blocks.")})
@@ -554,6 +563,8 @@ class FeatureTeacher(nn.Module):
     @torch.no_grad()
     def forward(self, imgs):                                            # [N, 3, H, W]
         out = self.net(imgs * self.scale + self.shift)
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"returns a {type(out).__name__}; it must return one tensor of patch features")
         if out.ndim == 4:                                               # a map [N, C, g, g]
             out = out.flatten(2).transpose(1, 2)
         if out.ndim != 3:
@@ -572,9 +583,9 @@ class FeatureTeacher(nn.Module):
 
 def load_teacher(path, kind, grid):
     """--teacher_dino / --teacher_clip FILE -> FeatureTeacher. FILE is a module mapping images to
-    patch features, saved by torch.export (.pt2) or as TorchScript; OpenAI's CLIP release
-    (TorchScript: its image tower is rebuilt as a ViTTeacher); or a ViT state_dict in DINO's or
-    CLIP's layout (DINO's official release loads as is)."""
+    patch features, saved by torch.export (.pt2) or as TorchScript; OpenAI's CLIP ViT release
+    (TorchScript: its image tower is rebuilt as a ViTTeacher); or a plain ViT state_dict in DINO's
+    or CLIP's layout (DINO's released backbones load as they are)."""
     mean, std = (CLIP_MEAN, CLIP_STD) if kind == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
     if not os.path.isfile(path):
         raise ValueError("no such file")
@@ -594,7 +605,8 @@ def load_teacher(path, kind, grid):
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"neither TorchScript nor a readable checkpoint ({type(e).__name__})") from None
-        state = state.get("teacher", state.get("model", state)) if isinstance(state, dict) else state
+        if not isinstance(state, dict):
+            raise ValueError(f"holds a {type(state).__name__}, not a state_dict")
         try:
             net = ViTTeacher.from_state_dict(state)
         except (KeyError, AttributeError, IndexError, RuntimeError) as e:
@@ -735,7 +747,7 @@ def check_mor_args(args, decoder_depth):
         if name not in targets or not args.mor:
             sys.exit(f"error: --mor_weights {item}: {name} is not a target of this run (targets: "
                      f"{', '.join(targets) if args.mor else 'none without --mor'})")
-    args.mor_weights = [f"{k}={v}" for k, v in weights.items()]
+    args.mor_weights = weights                                          # {target: weight}
 
 
 # --- training (main_pretrain.py + engine_pretrain.py) ---
@@ -795,6 +807,24 @@ def load_checkpoint(path, model_name):
         sys.exit(f"error: --resume {path} is not a {model_name} training checkpoint ({found}); "
                  f"pass --model to match it or start a new --output_dir")
     return ckpt
+
+
+def build_teachers(args, grid, batch, device):
+    """--teacher_dino / --teacher_clip -> ({kind: FeatureTeacher}, {kind: feature width}). Each is
+    tried once on a batch of the training size, so that a file that does not fit stops the run
+    here, with one line, not mid-run."""
+    teachers, widths = {}, {}
+    for kind in ("dino", "clip"):
+        path = getattr(args, f"teacher_{kind}")
+        if path:
+            try:
+                teachers[kind] = load_teacher(path, kind, grid).to(device)
+                widths[kind] = teachers[kind](batch.to(device)).shape[-1]
+            except Exception as e:                                      # whatever the file does: one line
+                what = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                sys.exit(f"error: --teacher_{kind} {path}: "
+                         f"{what if isinstance(e, ValueError) else f'{type(e).__name__}: {what}'}")
+    return teachers, widths
 
 
 def teacher_targets(ema, teachers, imgs):
@@ -864,23 +894,10 @@ def main(args):
 
     # 4. model: build, optionally compile, then wrap in DDP. With --mor, the teachers come first
     # (their widths size the branches) and the EMA teacher starts as a copy of the encoder
-    teachers = {}
-    for kind in ("dino", "clip"):
-        path = getattr(args, f"teacher_{kind}")
-        if path:
-            try:
-                teachers[kind] = load_teacher(path, kind, math.isqrt(L)).to(device)
-                teachers[kind](demo_imgs[:1])                           # fails here, not mid-run
-            except (ValueError, RuntimeError) as e:
-                sys.exit(f"error: --teacher_{kind} {path}: {str(e).strip().splitlines()[0][:200]}")
-    mor = None
-    if args.mor:
-        with torch.no_grad():
-            mor = {"ema": MODELS[args.model].keywords["embed_dim"][-1]} | \
-                  {kind: t(demo_imgs[:1]).shape[-1] for kind, t in teachers.items()}
-    weights = {k: float(v) for k, v in (w.split("=") for w in args.mor_weights)}
+    teachers, widths = build_teachers(args, math.isqrt(L), demo_imgs[:1].expand(args.batch_size, -1, -1, -1), device)
+    mor = ({"ema": MODELS[args.model].keywords["embed_dim"][-1]} | widths) if args.mor else None
     model = MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss, reconstructors=mor,
-                               branch_depth=args.mor_branch_depth, loss_weights=weights).to(device)
+                               branch_depth=args.mor_branch_depth, loss_weights=args.mor_weights).to(device)
     model_without_ddp = model
     if args.compile:
         model = torch.compile(model)
@@ -920,8 +937,12 @@ def main(args):
             sys.exit(f"error: --resume {resume} does not fit {args.model} at --input_size {args.input_size} "
                      f"({str(e).strip().splitlines()[-1].strip()})")
         optimizer.load_state_dict(ckpt["optimizer"])
-        if ema is not None:                                             # the branches loaded: a --mor run's
+        if ema is not None:                 # the model loaded with its branches: a --mor checkpoint, with 'ema'
             ema.load_state_dict(ckpt["ema"])
+            for kind in ("dino", "clip"):
+                if ckpt["args"].get(f"teacher_{kind}") != getattr(args, f"teacher_{kind}"):
+                    log(f"warning: --teacher_{kind} is {getattr(args, f'teacher_{kind}')}; {resume} was trained "
+                        f"with {ckpt['args'].get(f'teacher_{kind}')}")
         if ckpt["scaler"] and scaler.is_enabled():                      # empty unless saved by an fp16 run
             scaler.load_state_dict(ckpt["scaler"])
         epoch, batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
@@ -1018,9 +1039,9 @@ def main(args):
         save_state(epoch, 0)
         if is_main:
             if epoch % args.save_every == 0 or epoch == args.epochs:     # a kept copy, written atomically
-                copy = os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")
-                shutil.copyfile(path_last, copy + ".tmp")
-                os.replace(copy + ".tmp", copy)
+                kept = os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")
+                shutil.copyfile(path_last, kept + ".tmp")
+                os.replace(kept + ".tmp", kept)
             save_reconstruction(model_without_ddp, demo_imgs, demo_noise, args.mask_ratio,
                                 os.path.join(args.output_dir, f"recon-epoch{epoch:03d}.png"))
             log(f"epoch {epoch}/{args.epochs} | loss {mean_loss:.4f} | {args.output_dir}")

@@ -4,6 +4,10 @@ markdown table of validation top-1 (README, "Fine-tune"). Not collected by pytes
 
     python tests/pretrain_vs_scratch.py                       # all six tiny models, about 45 min on 2 CPU cores
     python tests/pretrain_vs_scratch.py --models mae_vit_tiny --pretrain_epochs 2 --finetune_epochs 1
+    python tests/pretrain_vs_scratch.py --models fastconvmae_convvit_tiny fastconvmae_convvit_tiny+mor
+
+A name with a suffix (VARIANTS) pre-trains with extra flags: `+mor` is FastConvMAE's Mixture of
+Reconstructors with its EMA teacher; the classifier is the plain name's.
 
 Each command it runs is printed; the runs write under --out (default output/pretrain_vs_scratch).
 """
@@ -19,11 +23,12 @@ SCRIPT = {"mae": "mae.py", "convmae": "convmae.py", "fastconvmae": "fastconvmae.
           "convnextv2": "convnextv2_fcmae.py"}
 TINY = ["mae_vit_tiny", "convmae_convvit_tiny", "fastconvmae_convvit_tiny", "simmim_vit_tiny", "simmim_swin_tiny",
         "convnextv2_fcmae_test"]
+VARIANTS = {"fastconvmae_convvit_tiny+mor": ["--mor"]}                 # extra pre-training flags
 
 
 def get_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", nargs="+", default=TINY, choices=TINY)
+    p.add_argument("--models", nargs="+", default=TINY, choices=TINY + list(VARIANTS))
     p.add_argument("--images", type=int, default=2048, help="built-in training images (validation: a quarter)")
     p.add_argument("--pretrain_epochs", type=int, default=15)
     p.add_argument("--finetune_epochs", type=int, default=12)
@@ -52,18 +57,18 @@ def top1(out):
 def main(args):
     common = ["--builtin_images", args.images, "--batch_size", args.batch_size, "--num_workers", 2]
     rows = []
-    for name in args.models:
-        out = os.path.join(args.out, name)
+    for row in args.models:
+        out, name = os.path.join(args.out, row), row.split("+")[0]
         script = SCRIPT[next(m for m in ("fastconvmae", "convmae", "mae", "simmim", "convnextv2") if name.startswith(m))]
         schedule = ["--schedule", "cosine"] if script == "simmim.py" else []
         t_pre = run(script, "--model", name, "--epochs", args.pretrain_epochs, "--warmup_epochs", 1, *schedule,
-                    *common, "--output_dir", os.path.join(out, "pretrain"))
+                    *VARIANTS.get(row, []), *common, "--output_dir", os.path.join(out, "pretrain"))
         tune = ["--model", name, "--epochs", args.finetune_epochs, "--warmup_epochs", 1, "--lr", args.finetune_lr,
                 "--mixup", 0, "--cutmix", 0, "--reprob", 0, "--randaug", 0, *common]   # short runs: crop + flip only
         t_ft = run("finetune.py", *tune, "--finetune", os.path.join(out, "pretrain", "checkpoint-last.pth"),
                    "--output_dir", os.path.join(out, "finetune"))
         t_sc = run("finetune.py", *tune, "--output_dir", os.path.join(out, "scratch"))
-        rows.append((name, top1(os.path.join(out, "finetune")), top1(os.path.join(out, "scratch")), t_pre, t_ft, t_sc))
+        rows.append((row, top1(os.path.join(out, "finetune")), top1(os.path.join(out, "scratch")), t_pre, t_ft, t_sc))
     print(f"\n{args.images} built-in images, pre-training {args.pretrain_epochs} epochs, fine-tuning "
           f"{args.finetune_epochs} epochs at lr {args.finetune_lr} without RandAugment, MixUp, CutMix and random erasing "
           f"(batch {args.batch_size}; top-1 on "

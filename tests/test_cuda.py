@@ -193,6 +193,7 @@ def test_simmim_sdpa_path_equals_the_explicit_attention(fp32, monkeypatch, name,
 SCRIPTS = [("mae.py", "mae_vit_tiny", [], True),
            ("convmae.py", "convmae_convvit_tiny", [], True),
            ("fastconvmae.py", "fastconvmae_convvit_tiny", [], True),
+           ("fastconvmae.py", "fastconvmae_convvit_tiny", ["--mor"], True),               # + EMA teacher, branch
            ("simmim.py", "simmim_vit_tiny", ["--schedule", "cosine", "--warmup_lr", 0, "--min_lr", 0], True),
            ("convnextv2_fcmae.py", "convnextv2_fcmae_test", [], False)]
 
@@ -217,7 +218,8 @@ def finished(proc, failed, what):
     return out
 
 
-@pytest.mark.parametrize("script, model, extra, fp16_fits", SCRIPTS, ids=[s[0] for s in SCRIPTS])
+@pytest.mark.parametrize("script, model, extra, fp16_fits", SCRIPTS,
+                         ids=[s[0] + (" --mor" if "--mor" in s[2] else "") for s in SCRIPTS])
 def test_training_on_cuda_bf16_fp16_compile_and_resume(script, model, extra, fp16_fits, tmp_path, background):
     """Four runs at once on one GPU, all seeing the same batches (same data, seed and batch size):
     2 epochs in bf16 (the CUDA default); the same stopped by SIGTERM in epoch 1, then resumed;
