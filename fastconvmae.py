@@ -598,8 +598,9 @@ def load_teacher(path, kind, grid):
         with warnings.catch_warnings():                                 # TorchScript is deprecated, still served
             warnings.simplefilter("ignore", FutureWarning)
             net = torch.jit.load(path, map_location="cpu")
-        if "visual.conv1.weight" in net.state_dict():                   # OpenAI's CLIP: rebuild its ViT
-            net = ViTTeacher.from_state_dict(net.state_dict())
+        state = net.state_dict()
+        if "visual.conv1.weight" not in state:                          # a module: used as it is
+            return FeatureTeacher(net.eval(), mean, std, grid)
     except RuntimeError:                                                # not TorchScript: a checkpoint
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -607,11 +608,11 @@ def load_teacher(path, kind, grid):
             raise ValueError(f"neither TorchScript nor a readable checkpoint ({type(e).__name__})") from None
         if not isinstance(state, dict):
             raise ValueError(f"holds a {type(state).__name__}, not a state_dict")
-        try:
-            net = ViTTeacher.from_state_dict(state)
-        except (KeyError, AttributeError, IndexError, RuntimeError) as e:
-            raise ValueError(f"not a ViT state_dict in DINO's or CLIP's layout ({type(e).__name__}: "
-                             f"{str(e).strip().splitlines()[0][:120]})") from None
+    try:                                                                # weights: rebuild the ViT (OpenAI's CLIP too)
+        net = ViTTeacher.from_state_dict(state)
+    except (KeyError, AttributeError, IndexError, RuntimeError) as e:
+        raise ValueError(f"not a ViT state_dict in DINO's or CLIP's layout ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:120]})") from None
     return FeatureTeacher(net.eval(), mean, std, grid)
 
 
