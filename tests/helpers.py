@@ -106,6 +106,21 @@ def last_line(text):
     return lines[-1] if lines else ""
 
 
+def one_line_error_failures(module, argv, cases):
+    """Run `module.main` in-process on argv + extra for each (extra, culprit) case; returns what went
+    wrong: a case that did not stop with one line starting 'error: ' and naming the culprit."""
+    failures = []
+    for extra, culprit in cases:
+        try:
+            module.main(module.get_args([str(a) for a in argv + extra]))
+            failures.append(f"{extra}: no error")
+        except SystemExit as e:
+            line = str(e.code)
+            if "\n" in line or not line.startswith("error: ") or culprit not in line:
+                failures.append(f"{extra}: {line}")
+    return failures
+
+
 # --- golden fixtures made by the official code (tests/golden/make_*_golden.py) ---
 
 def load_golden(name):

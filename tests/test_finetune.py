@@ -10,7 +10,8 @@ from PIL import Image
 
 import finetune as ft
 from common import ImageFiles
-from helpers import assert_same_weights, kill, last_line, log_lines, run, start, vit_block_keys, wait_for, weights
+from helpers import (assert_same_weights, kill, last_line, log_lines, one_line_error_failures, run, start,
+                     vit_block_keys, wait_for, weights)
 
 TINY = ["mae_vit_tiny", "convmae_convvit_tiny", "fastconvmae_convvit_tiny", "simmim_vit_tiny", "simmim_swin_tiny",
         "convnextv2_fcmae_test"]
@@ -484,13 +485,5 @@ def test_bad_input_is_one_line_naming_the_culprit(pretrained, tmp_path):
     argv = ft_args("--epochs", 1, "--output_dir", tmp_path / "out")
     r = run("finetune.py", *argv, *cases[0][0])
     assert r.returncode == 1 and "Traceback" not in r.stderr and cases[0][1] in last_line(r.stderr), r.stderr
-    failures = []
-    for extra, culprit in cases:
-        try:
-            ft.main(ft.get_args([str(a) for a in argv + extra]))
-            failures.append(f"{extra}: no error")
-        except SystemExit as e:
-            line = str(e.code)
-            if "\n" in line or not line.startswith("error:") or culprit not in line:
-                failures.append(f"{extra}: {line}")
+    failures = one_line_error_failures(ft, argv, cases)
     assert not failures, "\n".join(failures)

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from common import cosine_lr
-from helpers import (assert_same_weights, kill, last_line, log_lines, run, start, wait_for, weights,
-                     without_key_bias, write_images)
+from helpers import (assert_same_weights, kill, last_line, log_lines, one_line_error_failures, run, start,
+                     wait_for, weights, without_key_bias, write_images)
 
 # pixels: the flags for plain-pixel targets; schedule: the flags that make the file's lr schedule
 # common.cosine_lr (SimMIM's default is a step decay from a nonzero warmup start)
@@ -216,15 +216,7 @@ def test_bad_input_gives_one_line_naming_the_culprit(m, tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr and last_line(r.stderr).startswith("error:"), r.stderr
     assert cases[0][1] in last_line(r.stderr)
     module = importlib.import_module(m.script[:-3])
-    failures = []
-    for extra, culprit in cases:
-        try:
-            module.main(module.get_args([str(a) for a in argv + extra]))
-            failures.append(f"{extra}: no error")
-        except SystemExit as e:
-            line = str(e.code)
-            if "\n" in line or not line.startswith("error:") or culprit not in line:
-                failures.append(f"{extra}: {line}")
+    failures = one_line_error_failures(module, argv, cases)
     assert not failures, "\n".join(failures)
 
 
