@@ -380,7 +380,7 @@ def check_args(args):
 
 
 def save_checkpoint(state, path):
-    """Atomic and durable: a crash mid-write, even of the machine, leaves the previous file intact."""
+    """Atomic: a crash mid-write, even of the machine, leaves the previous file or the whole new one."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -390,7 +390,12 @@ def save_checkpoint(state, path):
 
 
 def save_training_state(path, model, optimizer, scaler, args, epoch, batch_in_epoch):
-    """Every rank calls this (each rank's RNG streams are gathered); rank 0 writes."""
+    """Every rank calls this (each rank's RNG streams are gathered); rank 0 writes.
+    Weights that are not finite (an update diverged after its loss was checked) stop the run
+    instead, so the file keeps the last good state."""
+    if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
+        sys.exit(f"error: the weights are not finite (the last step diverged); not saving. "
+                 f"The last good checkpoint is {path}; resume from it with a lower --blr or --amp none")
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rngs = [rng]
     if dist.is_initialized():
@@ -403,7 +408,8 @@ def save_training_state(path, model, optimizer, scaler, args, epoch, batch_in_ep
 
 
 def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases and norms (1-D) nor on tokens."""
+    """AdamW groups: no weight decay on biases and norms (1-D) nor on the mask token (the official
+    decays it: README)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:                                             # fixed pos embeds are not trained
@@ -411,13 +417,13 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def any_rank(flag, group=None):
-    """True on every rank if `flag` is true on any: ranks must take the same branch around collectives."""
+def count_ranks(flag, group=None):
+    """On every rank, how many ranks have `flag` true: ranks must take the same branch around collectives."""
     if not dist.is_initialized():
-        return flag
+        return int(flag)
     t = torch.tensor([float(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return bool(t.item())
+    dist.all_reduce(t, group=group)
+    return int(t.item())
 
 
 def load_checkpoint(path, model_name):
@@ -460,13 +466,14 @@ def main(args):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    host_group = dist.new_group(backend="gloo") if distributed else None  # ranks agree on CPU: no GPU sync
     is_main = rank == 0
-    log = print if is_main else (lambda *a, **k: None)
+    log = tqdm.write if is_main else (lambda *a, **k: None)            # print, above the progress bar
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     if amp != "none" and device.type == "cpu":
         log(f"warning: --amp {amp} on CPU is fast only on CPUs with native {amp} matmuls; --amp none is the default")
 
-    # 2. seed: per rank, for anything drawn outside the data pipeline (nothing, in FCMAE pre-training)
+    # 2. seed: per rank, for what is drawn outside the data pipeline (model init: DDP copies rank 0's)
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
 
@@ -505,7 +512,7 @@ def main(args):
     # 6. optimizer: linear lr scaling rule (MAE §A.1: lr = blr x batch / 256), betas (0.9, 0.95)
     eff_batch = args.batch_size * args.accum_iter * world_size
     args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type in ("cuda", "cpu"))
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
                 if amp != "none" else nullcontext())
@@ -518,7 +525,11 @@ def main(args):
     epoch, batch_in_epoch = 0, 0
     path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
     resume = path_last if args.resume == "auto" else args.resume
-    if resume and (args.resume != "auto" or os.path.isfile(path_last)):
+    seen = count_ranks(bool(resume) and os.path.isfile(resume), host_group)  # every rank must load the same
+    if 0 < seen < world_size:                                           # e.g. --output_dir on each node's disk
+        sys.exit(f"error: --resume {resume} exists for {seen} of {world_size} processes; put it and --output_dir "
+                 f"on a file system that every node shares")
+    if resume and (args.resume != "auto" or seen):
         ckpt = load_checkpoint(resume, args.model)
         try:
             model_without_ddp.load_state_dict(ckpt["model"])
@@ -544,7 +555,6 @@ def main(args):
 
     stop = {"signal": None}                                              # SIGTERM: save at the next step
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-    stop_group = dist.new_group(backend="gloo") if distributed else None  # agree on CPU: no GPU sync
 
     # 9. loop
     log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
@@ -552,10 +562,10 @@ def main(args):
     while epoch < args.epochs:
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip_batches = batch_in_epoch
-        bar = tqdm(total=batches_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}", disable=not is_main,
-                   dynamic_ncols=True, leave=False, mininterval=0.1 if sys.stderr.isatty() else 30)  # quiet batch logs
+        bar = tqdm(total=batches_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}", dynamic_ncols=True,
+                   leave=False, disable=not (is_main and sys.stderr.isatty()))   # a batch log gets the lines only
         loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.bool)
-        n_logged, t_log, mean_loss = 0, time.time(), float("nan")
+        n_logged, t_log = 0, time.time()
         for imgs, noise in itertools.islice(loader, batches_per_epoch - batch_in_epoch):
             if batch_in_epoch % args.accum_iter == 0:
                 lr = cosine_lr(epoch + batch_in_epoch / batches_per_epoch, args.lr, args.min_lr,
@@ -582,7 +592,7 @@ def main(args):
             optimizer.zero_grad(set_to_none=True)
             n_logged += args.accum_iter
             step = batch_in_epoch // args.accum_iter
-            stopping = any_rank(stop["signal"] is not None, stop_group)
+            stopping = count_ranks(stop["signal"] is not None, host_group) > 0
             if step % args.log_every == 0 or batch_in_epoch == batches_per_epoch or stopping:
                 stats = torch.stack([loss_sum / n_logged, nonfinite.float()])
                 if distributed:
@@ -595,6 +605,8 @@ def main(args):
                 ips = n_logged * args.batch_size * world_size / (time.time() - t_log)
                 record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "img_per_s": round(ips, 1)}
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                log(f"epoch {epoch} step {step}/{batches_per_epoch // args.accum_iter} | loss {mean_loss:.4f} | "
+                    f"lr {lr:.2e} | {ips:.0f} img/s")
                 if is_main:
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
@@ -617,7 +629,7 @@ def main(args):
                 os.replace(copy + ".tmp", copy)
             save_reconstruction(model_without_ddp, demo_imgs, demo_noise, args.mask_ratio,
                                 os.path.join(args.output_dir, f"recon-epoch{epoch:03d}.png"))
-            log(f"epoch {epoch}/{args.epochs} | loss {mean_loss:.4f} | {args.output_dir}")
+            log(f"epoch {epoch}/{args.epochs} done | checkpoint and picture in {args.output_dir}")
 
     # 10. teardown
     if distributed:

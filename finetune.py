@@ -52,7 +52,7 @@ import mae
 import simmim
 from common import BICUBIC, IMAGENET_MEAN, IMAGENET_STD, ImageFiles, cosine_lr, load_images, pretrain_loader, \
     pretrain_transform, set_lr
-from mae import any_rank, save_training_state      # the loop's helpers, shared with the method files
+from mae import count_ranks, save_training_state      # the loop's helpers, shared with the method files
 
 METHODS = {"mae": mae, "convmae": convmae, "fastconvmae": fastconvmae, "simmim": simmim, "convnextv2": convnextv2_fcmae}
 MODELS = {name: method for method, module in METHODS.items() for name in module.MODELS}   # model name -> method
@@ -743,8 +743,9 @@ def main(args):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    host_group = dist.new_group(backend="gloo") if distributed else None  # ranks agree on CPU: no GPU sync
     is_main = rank == 0
-    log = print if is_main else (lambda *a, **k: None)
+    log = tqdm.write if is_main else (lambda *a, **k: None)            # print, above the progress bar
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     if amp != "none" and device.type == "cpu":
         log(f"warning: --amp {amp} on CPU is fast only on CPUs with native {amp} matmuls; --amp none is the default")
@@ -824,7 +825,7 @@ def main(args):
         optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     else:
         groups = model_without_ddp.param_groups(args.weight_decay, args.layer_decay)
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type in ("cuda", "cpu"))
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
     mix = mix_and_smooth(args.mixup, args.cutmix, args.smoothing, len(classes))
     log(f"{args.model} {'linear probe' if args.linprobe else 'fine-tune'} | {len(classes)} classes | "
@@ -836,7 +837,11 @@ def main(args):
     epoch, batch_in_epoch = 0, 0
     path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
     resume = path_last if args.resume == "auto" else args.resume
-    if resume and (args.resume != "auto" or os.path.isfile(path_last)):
+    seen = count_ranks(bool(resume) and os.path.isfile(resume), host_group)  # every rank must load the same
+    if 0 < seen < world_size:                                           # e.g. --output_dir on each node's disk
+        sys.exit(f"error: --resume {resume} exists for {seen} of {world_size} processes; put it and --output_dir "
+                 f"on a file system that every node shares")
+    if resume and (args.resume != "auto" or seen):
         ckpt = load_checkpoint(resume, args)
         try:
             model_without_ddp.load_state_dict(ckpt["model"])
@@ -862,7 +867,6 @@ def main(args):
 
     stop = {"signal": None}                                              # SIGTERM: save at the next step
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-    stop_group = dist.new_group(backend="gloo") if distributed else None  # agree on CPU: no GPU sync
 
     # 7. loop
     log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
@@ -870,8 +874,8 @@ def main(args):
     while epoch < args.epochs:
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip_batches = batch_in_epoch
-        bar = tqdm(total=batches_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}", disable=not is_main,
-                   dynamic_ncols=True, leave=False, mininterval=0.1 if sys.stderr.isatty() else 30)  # quiet batch logs
+        bar = tqdm(total=batches_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}", dynamic_ncols=True,
+                   leave=False, disable=not (is_main and sys.stderr.isatty()))   # a batch log gets the lines only
         loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.bool)
         n_logged, t_log, mean_loss = 0, time.time(), float("nan")
         for imgs, labels in itertools.islice(loader, batches_per_epoch - batch_in_epoch):
@@ -904,7 +908,7 @@ def main(args):
             optimizer.zero_grad(set_to_none=True)
             n_logged += args.accum_iter
             step = batch_in_epoch // args.accum_iter
-            stopping = any_rank(stop["signal"] is not None, stop_group)
+            stopping = count_ranks(stop["signal"] is not None, host_group) > 0
             if step % args.log_every == 0 or batch_in_epoch == batches_per_epoch or stopping:
                 stats = torch.stack([loss_sum / n_logged, nonfinite.float()])
                 if distributed:
@@ -917,6 +921,8 @@ def main(args):
                 ips = n_logged * args.batch_size * world_size / (time.time() - t_log)
                 record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "img_per_s": round(ips, 1)}
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                log(f"epoch {epoch} step {step}/{batches_per_epoch // args.accum_iter} | loss {mean_loss:.4f} | "
+                    f"lr {lr:.2e} | {ips:.0f} img/s")
                 if is_main:
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()

@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,22 +23,34 @@ def train_cmd(script, *args, torchrun=0):
     return launcher + [os.path.join(ROOT, script)] + [str(a) for a in args]
 
 
-def run(script, *args, torchrun=0, timeout=600):
-    """Run to completion; returns CompletedProcess with text stdout/stderr."""
+def run(script, *args, torchrun=0, timeout=600, cwd=ROOT, env=None):
+    """Run to completion; returns CompletedProcess with text stdout/stderr. `env` adds variables."""
     return subprocess.run(train_cmd(script, *args, torchrun=torchrun), capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=_env())
+                          timeout=timeout, cwd=cwd, env=_env(env))
 
 
-def start(script, *args, torchrun=0):
+def start(script, *args, torchrun=0, cwd=ROOT, env=None):
     """Start in the background (for kill/SIGTERM tests); stdout/stderr go to pipes."""
     return subprocess.Popen(train_cmd(script, *args, torchrun=torchrun), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, env=_env(env))
 
 
-def _env():
+def _env(extra=None):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
-    return env
+    return env | (extra or {})
+
+
+def rank_env(rank, world_size, port):
+    """What torchrun sets for one process, for launching ranks by hand (one per "node" here)."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": "0",
+            "WORLD_SIZE": str(world_size)}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(predicate, proc, timeout=300):

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from common import cosine_lr
-from helpers import (assert_same_weights, kill, last_line, log_lines, one_line_error_failures, run, start,
-                     wait_for, weights, without_key_bias, write_images)
+from helpers import (assert_same_weights, free_port, kill, last_line, log_lines, one_line_error_failures, rank_env,
+                     run, start, wait_for, weights, without_key_bias, write_images)
 
 # pixels: the flags for plain-pixel targets; schedule: the flags that make the file's lr schedule
 # common.cosine_lr (SimMIM's default is a step decay from a nonzero warmup start)
@@ -60,6 +60,9 @@ def test_two_epochs_on_builtin_data_write_checkpoint_log_and_a_useful_picture(m,
         assert e["lr"] == pytest.approx(cosine_lr(e["epoch"] + (e["step"] - 1) / 32, 2e-3, 0.0, 1, 2))
     assert all(np.isfinite(e["loss"]) and e["img_per_s"] > 0 for e in log)
     assert log[-1]["loss"] < log[0]["loss"]
+    printed = [line for line in r.stdout.splitlines() if line.startswith("epoch ") and " step " in line]
+    assert len(printed) == len(log) and printed[-1].startswith("epoch 1 step 32/32 | loss ")  # and one print line
+    assert f"loss {log[-1]['loss']:.4f}" in printed[-1]
     grid = np.asarray(Image.open(out / "recon-epoch002.png"), np.float32) / 255    # 8 rows x 4 columns, pad 1
     s = m.size + 1                                                             # a cell and its padding
     cell = lambda r, c: grid[1 + s * r: s * (r + 1), 1 + s * c: s * (c + 1)]
@@ -169,6 +172,42 @@ def test_nan_loss_stops_and_leaves_the_last_checkpoint_untouched(m, tmp_path):
     assert last_line(r.stderr).startswith("error: loss is") and "Traceback" not in r.stderr
     assert (tmp_path / "checkpoint-last.pth").read_bytes() == before
     torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)                # still loadable
+
+
+def test_weights_that_turn_non_finite_in_the_last_step_of_an_epoch_are_not_saved(m, tmp_path):
+    """A step's loss is checked, but it is computed before the update: when the epoch's last update
+    diverges, the loss was finite and the epoch's save finds non-finite weights. It must stop
+    instead, leaving the last good checkpoint as it was."""
+    args = [*tiny(m), "--builtin_images", 8, "--batch_size", 8, "--output_dir", tmp_path]   # one step per epoch
+    assert run(m.script, *args, "--epochs", 1).returncode == 0
+    before = (tmp_path / "checkpoint-last.pth").read_bytes()
+    r = run(m.script, *args, "--epochs", 2, "--resume", "auto", "--lr", "inf")     # an update to infinity
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert last_line(r.stderr).startswith("error: the weights are not finite"), r.stderr[-2000:]
+    assert (tmp_path / "checkpoint-last.pth").read_bytes() == before
+
+
+@pytest.mark.parametrize("m", MAE_ONLY, ids=["mae.py"])
+def test_a_checkpoint_only_some_ranks_can_see_stops_every_rank_with_one_line(m, tmp_path):
+    """Two "nodes", each with its own disk: the default --output_dir is relative, and each rank runs
+    in its own directory. Only rank 0 writes checkpoints, so only node 0 has one to resume. The
+    ranks must not go on from different states (or hang): every rank stops with the same line."""
+    args = [*tiny(m), "--builtin_images", 16, "--batch_size", 8, "--output_dir", "out"]
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        node.mkdir()
+    assert run(m.script, *args, "--epochs", 1, cwd=nodes[0]).returncode == 0
+    port = free_port()
+    procs = [start(m.script, *args, "--epochs", 2, "--resume", "auto", cwd=node, env=rank_env(rank, 2, port))
+             for rank, node in enumerate(nodes)]
+    try:
+        ends = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, ends):
+        assert p.returncode == 1 and "Traceback" not in err, err[-2000:]
+        assert last_line(err).startswith("error: --resume out/checkpoint-last.pth exists for 1 of 2 processes"), err
 
 
 # --- bad input: a clear one-line error naming the culprit, never a traceback ---
