@@ -1033,8 +1033,9 @@ def main(args):
                 record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "img_per_s": round(ips, 1),
                           **{f"loss_{k}": v for k, v in zip(loss_names[1:], means[1:])}}
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+                each = "".join(f" | {k} {v:.4f}" for k, v in zip(loss_names[1:], means[1:]))   # MoR: per target
                 log(f"epoch {epoch} step {step}/{batches_per_epoch // args.accum_iter} | loss {mean_loss:.4f} | "
-                    f"lr {lr:.2e} | {ips:.0f} img/s")
+                    f"lr {lr:.2e} | {ips:.0f} img/s{each}")
                 if is_main:
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()

@@ -282,6 +282,8 @@ def test_short_run_lowers_every_loss_component(tmp_path):
     for name in ("pixel", "ema", "dino", "clip"):
         assert last[f"loss_{name}"] < 0.8 * first[f"loss_{name}"], (name, first, last)
     assert last["loss"] == pytest.approx(sum(last[f"loss_{k}"] for k in ("pixel", "ema", "dino", "clip")), rel=1e-5)
+    printed = [line for line in r.stdout.splitlines() if " step " in line]
+    assert len(printed) == len(log) and f"| clip {last['loss_clip']:.4f}" in printed[-1]   # each target printed
     assert (tmp_path / "run" / "recon-epoch003.png").exists()
 
 
