@@ -37,11 +37,12 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from common import (BILINEAR, IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_images, pretrain_loader, pretrain_transform,
+from common import (BILINEAR, IMAGENET_MEAN, IMAGENET_STD, load_images, pretrain_loader, pretrain_transform,
                     set_lr)
 
-# Conventions: N batch, L mask units (32x32 px), D width, p encoder patch size, s mask patch size.
-# mask: 1 = hidden, 0 = visible. Parameter names follow the official models (timm 0.3-era names).
+# Conventions: N batch, L mask units (s x s px), T encoder tokens (patches of p x p px), D width,
+# p encoder patch size, s mask patch size. mask: 1 = hidden, 0 = visible. Parameter names follow
+# the official models'.
 
 # --- shared pieces ---
 
@@ -156,7 +157,7 @@ class PatchEmbed(nn.Module):
             self.norm = nn.LayerNorm(dim)
 
     def forward(self, imgs):                                            # [N, 3, H, W]
-        x = self.proj(imgs).flatten(2).transpose(1, 2)                  # [N, L, D]
+        x = self.proj(imgs).flatten(2).transpose(1, 2)                  # [N, T, D]
         return self.norm(x) if hasattr(self, "norm") else x
 
 
@@ -198,15 +199,15 @@ class VisionTransformerForSimMIM(nn.Module):
 
     def forward(self, imgs, mask=None):
         """imgs [N, 3, H, W], mask [N, H/p, W/p] (1 = hidden) or None -> [N, D, H/p, W/p]."""
-        x = self.tokens(imgs, mask)[:, 1:]                              # drop cls: [N, L, D]
+        x = self.tokens(imgs, mask)[:, 1:]                              # drop cls: [N, T, D]
         return x.transpose(1, 2).unflatten(2, (self.grid, self.grid))
 
     def tokens(self, imgs, mask=None, norm=True):
-        x = self.patch_embed(imgs)                                      # [N, L, D]
+        x = self.patch_embed(imgs)                                      # [N, T, D]
         if mask is not None:                                            # §3.2: hidden patches -> mask token
             w = mask.flatten(1)[..., None].to(x.dtype)
             x = x * (1 - w) + self.mask_token.to(x.dtype) * w
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)   # [N, 1 + L, D]
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)   # [N, 1 + T, D]
         bias = self.rel_pos_bias()                                      # shared by every block
         for blk in self.blocks:
             x = blk(x, bias)
@@ -354,13 +355,13 @@ class SwinTransformerForSimMIM(nn.Module):
         trunc_normal_(self.mask_token, std=0.02)
 
     def forward(self, imgs, mask=None):
-        """imgs [N, 3, H, W], mask [N, H/p, W/p] (1 = hidden) or None -> [N, C, H/32, W/32]."""
-        x = self.tokens(imgs, mask)                                     # [N, H/32 * W/32, C]
+        """imgs [N, 3, H, W], mask [N, H/p, W/p] (1 = hidden) or None -> [N, C, H/stride, W/stride]."""
+        x = self.tokens(imgs, mask)                                     # [N, H/stride * W/stride, C]
         g = self.grid * self.patch_size // self.stride
         return x.transpose(1, 2).unflatten(2, (g, g))
 
     def tokens(self, imgs, mask=None):
-        x = self.patch_embed(imgs)                                      # [N, L, D], after patch norm
+        x = self.patch_embed(imgs)                                      # [N, T, D], after patch norm
         if mask is not None:                                            # §3.2: hidden patches -> mask token
             w = mask.flatten(1)[..., None].to(x.dtype)
             x = x * (1 - w) + self.mask_token.to(x.dtype) * w
@@ -398,8 +399,10 @@ def random_mask(noise, mask_ratio):
 
 
 class SimMIM(nn.Module):
-    def __init__(self, encoder="vit", mask_patch_size=32, **encoder_kwargs):
+    def __init__(self, encoder="vit", mask_patch_size=32, norm_pix_loss=False, **encoder_kwargs):
         super().__init__()
+        if norm_pix_loss:                                               # taken so that every builder takes it
+            raise ValueError("SimMIM regresses raw pixels (§3.4): norm_pix_loss=True is not an option")
         build = {"vit": VisionTransformerForSimMIM, "swin": SwinTransformerForSimMIM}[encoder]
         self.encoder = build(**encoder_kwargs)
         p, img_size = self.encoder.patch_size, self.encoder.grid * self.encoder.patch_size
@@ -411,7 +414,6 @@ class SimMIM(nn.Module):
         self.stride = self.encoder.stride                               # pixels per output position: 16 / 32
         self.decoder = nn.Sequential(nn.Conv2d(self.encoder.num_features, self.stride ** 2 * 3, 1),
                                      nn.PixelShuffle(self.stride))      # §3.3: a linear head back to pixels
-        self.no_decay_keywords = ("relative_position_bias_table",) if encoder == "swin" else ()
 
     def forward(self, imgs, mask_ratio=0.6, noise=None, mask=None):
         """imgs [N, 3, H, W] -> loss, pred [N, 3, H, W], mask [N, L] (units of mask_patch_size px).
@@ -423,6 +425,9 @@ class SimMIM(nn.Module):
             if noise is None:
                 noise = torch.rand(N, self.grid ** 2, device=imgs.device)
             mask = random_mask(noise, mask_ratio).view(N, self.grid, self.grid)
+        if mask.shape != (N, self.grid, self.grid):
+            raise ValueError(f"mask is {tuple(mask.shape)}; expected [N, {self.grid}, {self.grid}]: one entry per "
+                             f"{self.mask_patch_size}-px mask unit, 1 = hidden")
         mask = mask.float()
         r = self.mask_patch_size // self.patch_size                     # encoder patches per mask unit side
         pred = self.decoder(self.encoder(imgs, mask.repeat_interleave(r, 1).repeat_interleave(r, 2)))
@@ -436,8 +441,8 @@ class SimMIM(nn.Module):
         return ((imgs - pred).abs() * hidden).sum() / (hidden.sum() + 1e-5) / imgs.shape[1]
 
     def forward_features(self, imgs):
-        """The encoder on the whole image, no mask: ViT [N, 1 + L, D] before its final norm (the
-        fine-tuning model mean-pools, then applies fc_norm); Swin [N, L, C] after `norm`."""
+        """The encoder on the whole image, no mask: ViT [N, 1 + T, D] before its final norm (the
+        fine-tuning model mean-pools, then applies fc_norm); Swin [N, H/stride * W/stride, C] after `norm`."""
         if isinstance(self.encoder, VisionTransformerForSimMIM):
             return self.encoder.tokens(imgs, norm=False)
         return self.encoder.tokens(imgs)
@@ -575,12 +580,12 @@ def save_training_state(path, model, optimizer, scaler, args, epoch, batch_in_ep
 
 
 def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases and norms (1-D), tokens, and (Swin, as the
-    official) relative position bias tables. The official decays the ViT's mask token (README)."""
+    """AdamW groups: no weight decay on biases and norms (1-D) nor on tokens. The official decays
+    the ViT's mask token (README), and also Swin's relative position bias tables, as here: its
+    skip keyword for them gets an `encoder.` prefix that no parameter name contains."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        skip = p.ndim <= 1 or name.endswith("_token") or any(k in name for k in model.no_decay_keywords)
-        (no_decay if skip else decay).append(p)
+        (no_decay if p.ndim <= 1 or name.endswith("_token") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -609,11 +614,14 @@ def load_checkpoint(path, model_name):
 
 def lr_at(epoch, args):
     """Linear warmup from warmup_lr, then x0.1 at each milestone (the 800-epoch configs) or
-    cosine to min_lr (the 100-epoch config); `epoch` is fractional."""
+    cosine to min_lr (the 100-epoch config); `epoch` is fractional. The official cosine (timm's
+    CosineLRScheduler, no warmup_prefix) spans all epochs, warmup included: the warmup replaces
+    its start, so it resumes below the peak (0.98 x lr after 10 of 100 epochs)."""
     if epoch < args.warmup_epochs:
         return args.warmup_lr + (args.lr - args.warmup_lr) * epoch / args.warmup_epochs
     if args.schedule == "cosine":
-        return cosine_lr(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
+        progress = min(epoch / args.epochs, 1.0)
+        return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
     return args.lr * 0.1 ** sum(epoch >= m for m in args.milestones)
 
 
@@ -684,7 +692,7 @@ def main(args):
     if distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
 
-    # 5. param groups: no weight decay on biases, norms (1-D), tokens (and Swin's bias tables)
+    # 5. param groups: no weight decay on biases, norms (1-D) and tokens
     groups = param_groups(model_without_ddp, args.weight_decay)
 
     # 6. optimizer: SimMIM's linear scaling rule, lr = blr x batch / 512 (warmup and min lr alike),

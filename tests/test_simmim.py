@@ -117,6 +117,11 @@ def test_model_draws_masks_on_the_32px_grid_and_takes_explicit_ones():
     explicit[:, 0, 0] = 1
     _, _, mask = model(imgs, mask=explicit)
     assert torch.equal(mask, explicit.flatten(1))
+    with pytest.raises(ValueError, match=r"expected \[N, 4, 4\]"):                  # a patch-level mask: 8 x 8
+        model(imgs, mask=torch.zeros(2, 8, 8))
+    with pytest.raises(ValueError, match="raw pixels"):                             # the builders' common override
+        MODELS["simmim_vit_tiny"](norm_pix_loss=True)
+    MODELS["simmim_vit_tiny"](norm_pix_loss=False)
     with torch.device("meta"):
         assert MODELS["simmim_vit_base_patch16"]().grid == 7 and MODELS["simmim_swin_base_w6"]().grid == 6
 
@@ -191,3 +196,51 @@ def test_forward_features_and_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, pred, mask = swin(imgs)
     assert mask.dtype == torch.float32 and loss.dtype == torch.float32
+
+
+# --- the recipe's optimizer pieces, against the official rules written out from their code ---
+
+def official_no_decay(model, encoder):
+    """optimizer.py get_pretrain_param_groups with SimMIM.no_weight_decay(_keywords): the skip
+    names and keywords get an `encoder.` prefix. ViT: {pos_embed, cls_token}; Swin:
+    {absolute_pos_embed, mask_token} and the keyword relative_position_bias_table."""
+    skip = {"encoder." + n for n in ({"pos_embed", "cls_token"} if encoder == "vit"
+                                     else {"absolute_pos_embed", "mask_token"})}
+    keywords = {"encoder.relative_position_bias_table"} if encoder == "swin" else set()
+    return {name for name, p in model.named_parameters()
+            if p.ndim == 1 or name.endswith(".bias") or name in skip or any(k in name for k in keywords)}
+
+
+@pytest.mark.parametrize("name", ["simmim_vit_base_patch16", "simmim_swin_base_w6"])
+def test_weight_decay_groups_are_the_official_ones_but_the_vit_mask_token(name):
+    from simmim import param_groups
+    model = MODELS[name]()
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in param_groups(model, 0.05))
+    official = official_no_decay(model, "vit" if "vit" in name else "swin")
+    assert no_decay - official == ({"encoder.mask_token"} if "vit" in name else set())   # README: on purpose
+    assert official <= no_decay and decay | no_decay == set(names.values())
+    if "swin" in name:                    # the official's prefixed keyword matches nothing: decayed
+        assert any(n.endswith("relative_position_bias_table") for n in decay)
+
+
+def official_lr(t, schedule, base, warmup_lr, min_lr, warmup_t, total_t, milestones):
+    """lr at optimizer step t: timm's CosineLRScheduler (warmup_prefix False, cycle_limit 1) or
+    lr_scheduler.py's MultiStepLRScheduler, as build_scheduler sets them up (t_in_epochs=False)."""
+    if t < warmup_t:
+        return warmup_lr + t * (base - warmup_lr) / warmup_t
+    if schedule == "cosine":
+        return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * t / total_t)) if t < total_t else min_lr
+    return base * 0.1 ** sum(t >= m for m in milestones)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "multistep"])
+def test_lr_schedules_follow_the_official_schedulers_step_by_step(schedule):
+    from argparse import Namespace
+    from simmim import lr_at
+    steps, epochs, warmup = 7, 100, 10                                  # steps per epoch
+    args = Namespace(schedule=schedule, lr=2e-4, warmup_lr=1e-6, min_lr=1e-5, warmup_epochs=warmup, epochs=epochs,
+                     milestones=[70])
+    for t in range(0, epochs * steps, 3):
+        want = official_lr(t, schedule, 2e-4, 1e-6, 1e-5, warmup * steps, epochs * steps, [70 * steps])
+        assert lr_at(t / steps, args) == pytest.approx(want, rel=1e-9, abs=1e-15), t
