@@ -101,14 +101,16 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x, visible=None):                                 # [N, C, H, W]
-        h = self.act(self.pwconv1(self.norm(self.dwconv(x).permute(0, 2, 3, 1))))   # [N, H, W, 4C]
+        h = self.dwconv(x).permute(0, 2, 3, 1)                          # [N, H, W, C]: channels last
+        h = self.act(self.pwconv1(self.norm(h)))                        # [N, H, W, 4C]
         h = self.grn(h, None if visible is None else visible.permute(0, 2, 3, 1))
-        x = x + drop_path(self.pwconv2(h).permute(0, 3, 1, 2), self.drop_path, self.training)
+        h = self.pwconv2(h).permute(0, 3, 1, 2)                         # [N, C, H, W]
+        x = x + drop_path(h, self.drop_path, self.training)
         return x if visible is None else x * visible
 
 
 class ConvNeXtV2(nn.Module):
-    """The encoder: a 4x4 stem, then four stages of blocks, each after a 2x2 downsampling.
+    """The encoder: a 4x4 stem, then four stages of blocks, stages 1-3 each after a 2x2 downsampling.
 
     forward(imgs, mask) with mask [N, L] (1 = hidden, 32 px units) is the FCMAE encoder: the
     stem runs densely, hidden positions are zeroed, and from there every position that
@@ -166,6 +168,8 @@ class FCMAE(nn.Module):
     def __init__(self, img_size=224, in_chans=3, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768),
                  decoder_embed_dim=512, decoder_depth=1, patch_size=32, norm_pix_loss=False, drop_path_rate=0.0):
         super().__init__()
+        if patch_size != 32:
+            raise ValueError(f"patch_size is the encoder's total stride, 32, not {patch_size}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of the {patch_size} px mask patch")
         self.patch_size, self.grid, self.norm_pix_loss = patch_size, img_size // patch_size, norm_pix_loss
@@ -181,8 +185,8 @@ class FCMAE(nn.Module):
         kernel and linear with a truncated normal of std .02; then FCMAE's own init runs over all
         modules and calls timm's trunc_normal_ without a std for depthwise kernels, linears and
         dense convolutions: those end with std 1 (cut at +-2); the downsampling convolutions keep
-        .02. Its nn.Linear layers of the dense decoder block keep PyTorch's init. Biases 0,
-        LayerNorm 1/0, GRN 0, mask token normal .02."""
+        .02. The nn.Linear layers of the dense decoder block keep PyTorch's init, biases too; all
+        other biases 0, LayerNorm 1/0, GRN 0, mask token normal .02."""
         for name, m in self.named_modules():
             if isinstance(m, nn.Conv2d):
                 downsample = name.startswith("encoder.downsample_layers.") and not name.endswith("0.0")
@@ -202,8 +206,8 @@ class FCMAE(nn.Module):
         if imgs.shape[-2:] != (self.grid * self.patch_size,) * 2:
             raise ValueError(f"images are {tuple(imgs.shape[-2:])}, this model was built for "
                              f"{self.grid * self.patch_size} px (pass img_size= to the builder)")
-        if noise is None:
-            noise = torch.randn(imgs.shape[0], self.grid ** 2, device=imgs.device)   # fcmae.py draws normal noise
+        if noise is None:                       # normal, as fcmae.py; training passes uniform noise: same masks
+            noise = torch.randn(imgs.shape[0], self.grid ** 2, device=imgs.device)
         mask = random_masking(noise, mask_ratio)
         return self.encoder(imgs, mask), mask
 
@@ -329,7 +333,8 @@ def get_args(argv=None):
     p.add_argument("--mask_ratio", type=float, default=0.6, help="fraction of 32x32 units hidden (paper: 60 %%)")
     p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
                    help="per-patch normalised pixel targets (TRAINING.md recipe)")
-    # optimisation (TRAINING.md: AdamW (0.9, 0.95), blr 1.5e-4, batch 4096, wd 0.05, cosine, 40 warmup, 1600 epochs)
+    # optimisation (TRAINING.md: blr 1.5e-4, batch 4096, 40 warmup, 1600 epochs; main_pretrain.py: AdamW (0.9, 0.95),
+    # wd 0.05, cosine)
     p.add_argument("--epochs", type=int, default=1600)
     p.add_argument("--warmup_epochs", type=int, default=40)
     p.add_argument("--batch_size", type=int, default=64, help="per process; effective = batch_size x accum_iter x processes")
@@ -344,7 +349,9 @@ def get_args(argv=None):
     p.add_argument("--resume", default="", help="checkpoint path, or 'auto' for output_dir/checkpoint-last.pth if present")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data workers per process")
-    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on CPU; the official FCMAE trains in fp32 (none)")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
+                   help="default: bf16 on CUDA, none on CPU; the official FCMAE trains in fp32 (none); "
+                        "fp16 is refused: it overflows with the official init (README)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--save_every", type=int, default=20, help="keep a copy of the checkpoint every N epochs")
     p.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
@@ -364,7 +371,7 @@ def check_args(args):
         sys.exit("error: --warmup_epochs and --num_workers must be >= 0")
     if not 0.0 < args.mask_ratio < 1.0:
         sys.exit(f"error: --mask_ratio must be in (0, 1), got {args.mask_ratio}")
-    if args.amp == "fp16":         # std-1 init: proj/pred outputs at visible units (never trained) reach ~1e6
+    if args.amp == "fp16":         # std-1 init: pred reaches ~1e6 at visible units (outside the loss), proj ~1e5
         sys.exit("error: --amp fp16 overflows with FCMAE's official init (decoder outputs far above fp16's 65504); "
                  "use --amp bf16 or none (the official fp32)")
     defaults = MODELS[args.model].keywords
@@ -409,10 +416,10 @@ def save_training_state(path, model, optimizer, scaler, args, epoch, batch_in_ep
 
 def param_groups(model, weight_decay):
     """AdamW groups: no weight decay on biases and norms (1-D) nor on the mask token (the official
-    decays it: README)."""
+    decays it: README). GRN's gamma and beta are 4-D and decayed, as in the official."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:                                             # fixed pos embeds are not trained
+        if p.requires_grad:
             (no_decay if p.ndim <= 1 or name.endswith("_token") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -153,12 +153,10 @@ class PatchEmbed(nn.Module):
     def __init__(self, patch_size, in_chans, dim, norm=False):
         super().__init__()
         self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
-        if norm:                                                        # Swin's patch_norm
-            self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()        # Swin's patch_norm
 
     def forward(self, imgs):                                            # [N, 3, H, W]
-        x = self.proj(imgs).flatten(2).transpose(1, 2)                  # [N, T, D]
-        return self.norm(x) if hasattr(self, "norm") else x
+        return self.norm(self.proj(imgs).flatten(2).transpose(1, 2))   # [N, T, D]
 
 
 class VisionTransformerForSimMIM(nn.Module):
@@ -203,6 +201,7 @@ class VisionTransformerForSimMIM(nn.Module):
         return x.transpose(1, 2).unflatten(2, (self.grid, self.grid))
 
     def tokens(self, imgs, mask=None, norm=True):
+        """[N, 1 + T, D], cls first; norm=False: before the final norm (what fine-tuning pools)."""
         x = self.patch_embed(imgs)                                      # [N, T, D]
         if mask is not None:                                            # §3.2: hidden patches -> mask token
             w = mask.flatten(1)[..., None].to(x.dtype)

@@ -214,6 +214,8 @@ def test_eight_sizes_and_the_test_model():
     model = MODELS["convnextv2_fcmae_test"]()
     loss, pred, mask = model(torch.randn(8, 3, 64, 64))
     assert pred.shape == (8, 4, 3072) and mask.sum().item() == 8 * 3
+    with pytest.raises(ValueError, match="total stride, 32"):      # the mask unit is the encoder's output pixel
+        MODELS["convnextv2_fcmae_test"](patch_size=16)
 
 
 def test_loss_falls_on_a_fixed_batch():
