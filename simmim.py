@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from common import (BILINEAR, IMAGENET_MEAN, IMAGENET_STD, load_images, pretrain_loader, pretrain_transform,
+from common import (BILINEAR, IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_images, pretrain_loader, pretrain_transform,
                     set_lr)
 
 # Conventions: N batch, L mask units (s x s px), T encoder tokens (patches of p x p px), D width,
@@ -618,9 +618,8 @@ def lr_at(epoch, args):
     its start, so it resumes below the peak (0.98 x lr after 10 of 100 epochs)."""
     if epoch < args.warmup_epochs:
         return args.warmup_lr + (args.lr - args.warmup_lr) * epoch / args.warmup_epochs
-    if args.schedule == "cosine":
-        progress = min(epoch / args.epochs, 1.0)
-        return args.min_lr + (args.lr - args.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    if args.schedule == "cosine":                                       # common's, over all epochs from 0
+        return cosine_lr(epoch, args.lr, args.min_lr, 0, args.epochs)
     return args.lr * 0.1 ** sum(epoch >= m for m in args.milestones)
 
 
