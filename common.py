@@ -23,9 +23,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
+
 # --- the built-in data set ---
-
-
 class BuiltinShapes(Dataset):
     """Ten labelled classes drawn procedurally: sample i is a pure function of (i, size).
 
@@ -71,8 +70,6 @@ class BuiltinShapes(Dataset):
 
 
 # --- folder data sets ---
-
-
 def _to_rgb(img):
     """Any PIL mode to RGB; 16-bit and float grey is rescaled, not clipped to white."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
@@ -143,7 +140,6 @@ def load_images(data, split="train", size=224, builtin_length=4096):
 
 
 # --- pre-training input pipeline (MAE §4, main_pretrain.py; SimMIM's crop differs) ---
-
 BICUBIC, BILINEAR = transforms.InterpolationMode.BICUBIC, transforms.InterpolationMode.BILINEAR
 
 
@@ -217,8 +213,6 @@ def _ignore_sigterm(worker_id):
 
 
 # --- patches (MAE §3: the target is the pixels of each patch) ---
-
-
 def patchify(imgs, p):
     """[N, 3, H, W] -> [N, L, p*p*3], patches in row-major order, channel innermost (official order)."""
     N, C, H, W = imgs.shape
@@ -237,8 +231,6 @@ def unpatchify(x, p, hw=None):
 
 
 # --- learning rate: linear warmup, then half-cycle cosine (MAE util/lr_sched.py) ---
-
-
 def cosine_lr(epoch, lr, min_lr, warmup_epochs, epochs):
     """The lr at a fractional `epoch` (epoch + step / steps_per_epoch)."""
     if epoch < warmup_epochs:

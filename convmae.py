@@ -1,17 +1,18 @@
 """ConvMAE: a masked autoencoder whose encoder is a hybrid convolution-transformer pyramid.
 
-Two stages of convolution blocks at 1/4 and 1/8 resolution feed a transformer stage at 1/16;
-one random mask drawn on the 1/16 grid (75 %, as MAE) is upsampled to the convolution stages,
-whose 5x5 depthwise convolutions see only visible positions ("masked convolution"), so
-the transformer stage can drop the hidden tokens exactly as MAE does. The stage-1 and stage-2
-outputs are strided down to 1/16 and added to the visible tokens (multi-scale fusion);
-an MAE decoder predicts the pixels of hidden 16x16 patches. Here the convolution stages
-compute the visible units only, as tiles: the official numbers at a quarter of the work.
+Two stages of convolution blocks at 1/4 and 1/8 resolution feed a transformer stage at 1/16; one random
+mask drawn on the 1/16 grid (75 %, as MAE) is upsampled to the convolution stages, whose 5x5 depthwise
+convolutions see only visible positions ("masked convolution"), so the transformer stage can drop the hidden
+tokens exactly as MAE does. The stage-1 and stage-2 outputs are strided down to 1/16 and added to the visible
+tokens (multi-scale fusion); an MAE decoder predicts the pixels of hidden 16x16 patches. Here the convolution
+stages run their per-position layers on the visible units only (CBlock says what that saves).
 
 Paper: Gao et al., "ConvMAE: Masked Convolution Meets Masked Autoencoders", NeurIPS 2022,
 https://arxiv.org/abs/2205.03892. Official code: https://github.com/Alpha-VL/ConvMAE.
 This file rebuilds the official pre-training model with plain PyTorch: same state_dict,
 same numbers (tests/test_convmae.py checks it against fixtures made by the official code).
+Copy it with common.py and it runs as it does here; inside a package, make the `from common import` line
+relative. The model needs only torch, torchvision's stochastic_depth and common's patchify/unpatchify.
 
     python convmae.py --model convmae_convvit_tiny --epochs 5 --warmup_epochs 1   # CPU demo, built-in data
     torchrun --nproc_per_node=8 convmae.py --data /imagenet                       # 8 x 128 = 1024 per step
@@ -23,10 +24,10 @@ import itertools
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
+from collections import OrderedDict
 from contextlib import nullcontext
 from functools import partial
 
@@ -35,8 +36,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.ops import stochastic_depth
 from torchvision.utils import save_image
-from tqdm import tqdm
 
 from common import IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_images, patchify, pretrain_loader, set_lr, unpatchify
 
@@ -44,63 +45,31 @@ from common import IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_images, patchify
 # mask: 1 = hidden, 0 = visible. The convolution stages keep their maps channels-last,
 # [N, H, W, C]: LayerNorm acts on the last axis and the convolutions read that memory directly.
 
+
 # --- building blocks (parameter names as in the official vision_transformer.py) ---
-
-
-def drop_path(x, p, training):
-    """Stochastic depth (fine-tuning only): zero a residual branch for whole samples, rescale the rest."""
-    if not training or p == 0.0:
-        return x
-    keep = 1.0 - p
-    return x * x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
-
-
 class Conv(nn.Conv2d):
-    """nn.Conv2d (its weights, init and state_dict) applied to channels-last maps [N, H, W, C].
-
-    The permutes are views: the convolution reads channels-last memory directly, which oneDNN
-    does faster on CPU than the NCHW layout, and, for 1x1 kernels, faster than a matmul.
-    """
+    """nn.Conv2d (its weights, init and state_dict) on channels-last maps [N, H, W, C]. The permutes are views:
+    oneDNN convolves channels-last memory faster on CPU than NCHW, and, for 1x1 kernels, faster than a matmul."""
 
     def forward(self, x):
         return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
-class PatchEmbed(nn.Module):
-    """Strided convolution, LayerNorm, GELU: the down-sampling in front of each stage."""
-
-    def __init__(self, patch_size, in_chans, dim):
-        super().__init__()
-        self.proj = Conv(in_chans, dim, patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(dim)                                   # eps 1e-5, as the official
-        self.act = nn.GELU()
-
-    def forward(self, x):                                               # [N, H, W, C]
-        return self.act(self.norm(self.proj(x)))                        # [N, H/p, W/p, D]
-
-
-class CMlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = Conv(dim, hidden, 1)
-        self.act = nn.GELU()
-        self.fc2 = Conv(hidden, dim, 1)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+def patch_embed(patch_size, in_chans, dim):
+    """The down-sampling in front of each stage: strided conv, LayerNorm (eps 1e-5, as the official), GELU."""
+    proj = Conv(in_chans, dim, patch_size, stride=patch_size)           # [N, H, W, C] -> [N, H/p, W/p, D]
+    return nn.Sequential(OrderedDict(proj=proj, norm=nn.LayerNorm(dim), act=nn.GELU()))
 
 
 class CBlock(nn.Module):
-    """Convolution block of stages 1-2 (the hybrid encoder): a 5x5 depthwise convolution between
-    two 1x1 convolutions takes the place of self-attention (hence its official name `attn`).
+    """Convolution block of stages 1-2: a 5x5 depthwise convolution between two 1x1 convolutions takes the
+    place of self-attention (hence its official name `attn`). Drop path is for fine-tuning (whole maps).
 
-    x is either whole maps [N, H, W, C], or, in masked pre-training, the visible units' tiles
-    [N*K, s, s, C] with `units` = (ids [N, K], grid). Every operator but the depthwise convolution
-    acts position by position, so it runs on the visible positions only; the depthwise
-    convolution sees the tiles pasted in place on a zero canvas. That is the paper's masked
-    convolution (zeroing hidden positions before the only operator that mixes positions), with
-    the work on hidden positions, which nothing reads, left out.
-    """
+    x is whole maps [N, H, W, C] or, in masked pre-training, the visible units' tiles [N*K, s, s, C] with
+    `units` = (ids [N, K], grid). Every layer but the depthwise convolution acts per position, so it runs on
+    the tiles only, a quarter of the positions at mask ratio 0.75: those layers hold nearly all the FLOPs
+    (10 C^2 multiply-adds a position, the depthwise kernel 25 C). The depthwise convolution still runs on the
+    full canvas: the tiles pasted on zeros (the paper's masked convolution), convolved, cut back to tiles."""
 
     def __init__(self, dim, mlp_ratio=4.0, drop_path=0.0):
         super().__init__()
@@ -109,14 +78,15 @@ class CBlock(nn.Module):
         self.conv2 = Conv(dim, dim, 1)
         self.attn = Conv(dim, dim, 5, padding=2, groups=dim)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = CMlp(dim, int(dim * mlp_ratio))
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict(fc1=Conv(dim, hidden, 1), act=nn.GELU(), fc2=Conv(hidden, dim, 1)))
         self.drop_path = drop_path
 
     def forward(self, x, units=None):
         h = self.conv1(self.norm1(x))
         h = self.attn(h) if units is None else cut_tiles(self.attn(paste_tiles(h, *units)), *units)
-        x = x + drop_path(self.conv2(h), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = x + stochastic_depth(self.conv2(h), self.drop_path, "row", self.training)
+        return x + stochastic_depth(self.mlp(self.norm2(x)), self.drop_path, "row", self.training)
 
 
 class Attention(nn.Module):
@@ -134,17 +104,6 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Block(nn.Module):
     """Pre-norm transformer block of stage 3 and the decoder (timm's names, LayerNorm eps 1e-6)."""
 
@@ -153,40 +112,35 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
         self.drop_path = drop_path
 
     def forward(self, x):                                               # [N, T, D]
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = x + stochastic_depth(self.attn(self.norm1(x)), self.drop_path, "row", self.training)
+        return x + stochastic_depth(self.mlp(self.norm2(x)), self.drop_path, "row", self.training)
 
 
 def sincos_pos_embed(dim, grid_size):
-    """Fixed 2-D sin-cos position embedding [g*g, dim] (MAE §A.1; ConvMAE has no cls token).
-
-    The first dim/2 channels encode the column index, the last dim/2 the row index; each half
-    is [sin(pos * omega), cos(pos * omega)] with omega_i = 10000^(-i / (dim/4)).
-    """
+    """Fixed 2-D sin-cos position embedding [g*g, dim] (MAE §A.1; ConvMAE has no cls token). The first dim/2
+    channels encode the column index, the last dim/2 the row index; each half is [sin(pos * omega),
+    cos(pos * omega)] with omega_i = 10000^(-i / (dim/4))."""
     assert dim % 4 == 0, f"sin-cos embedding needs a width divisible by 4, got {dim}"
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    row, col = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64),
-                              torch.arange(grid_size, dtype=torch.float64), indexing="ij")
+    pos = torch.arange(grid_size, dtype=torch.float64)
     halves = []
-    for pos in (col.flatten(), row.flatten()):
-        angle = pos[:, None] * omega[None]                             # [g*g, dim/4]
+    for p in (pos.repeat(grid_size), pos.repeat_interleave(grid_size)):   # column, row of each unit, row-major
+        angle = p[:, None] * omega[None]                               # [g*g, dim/4]
         halves += [angle.sin(), angle.cos()]
     return torch.cat(halves, dim=1).float()                             # [g*g, dim]
 
 
 # --- block-wise masking: one MAE mask on the 1/16 grid, shared by every stage ---
-
-
 def random_masking(noise, mask_ratio):
     """Keep the L_keep = int(L * (1 - mask_ratio)) units with the smallest noise (MAE §3).
 
     noise [N, L] -> ids_keep [N, L_keep] (in order of increasing noise), mask [N, L] (1 = hidden),
-    ids_restore [N, L]: each unit's rank; gather with it to put [kept, hidden] tokens in image order.
-    """
+    ids_restore [N, L]: each unit's rank; gather with it to put [kept, hidden] tokens in image order."""
     len_keep = int(noise.shape[1] * (1 - mask_ratio))
     ids_shuffle = torch.argsort(noise, dim=1)                           # ascending: small = keep
     ids_restore = torch.argsort(ids_shuffle, dim=1)
@@ -196,10 +150,8 @@ def random_masking(noise, mask_ratio):
 
 def cut_tiles(x, ids, grid):
     """The tiles of units `ids` [N, K] of a g x g unit grid: x [N, g*s, g*s, C] -> [N*K, s, s, C].
-
-    A unit is 16x16 pixels, 4x4 stage-1 positions, 2x2 stage-2 positions: the mask upsampled
-    to a stage is a set of whole tiles, which later stages never split (their strides divide s).
-    """
+    A unit is 16x16 pixels, 4x4 stage-1 positions, 2x2 stage-2 positions: the mask upsampled to a stage is a
+    set of whole tiles, which later stages never split (their strides divide s)."""
     N, H, W, C = x.shape
     s = H // grid
     units = x.view(N, grid, s, grid, s, C).transpose(2, 3).reshape(N, grid * grid, s, s, C)
@@ -220,8 +172,6 @@ def gather(x, ids):
 
 
 # --- the model: masked convolution stages, transformer on visible tokens, MAE decoder ---
-
-
 class MaskedAutoencoderConvViT(nn.Module):
     def __init__(self, img_size=224, patch_size=(4, 2, 2), in_chans=3, embed_dim=(256, 384, 768), depth=(2, 2, 11),
                  num_heads=12, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
@@ -237,9 +187,9 @@ class MaskedAutoencoderConvViT(nn.Module):
         dpr = [drop_path_rate * i / max(sum(depth) - 1, 1) for i in range(sum(depth))]  # stochastic depth rule
 
         # encoder, built in the official order (the seeded init depends on it)
-        self.patch_embed1 = PatchEmbed(p1, in_chans, D1)
-        self.patch_embed2 = PatchEmbed(p2, D1, D2)
-        self.patch_embed3 = PatchEmbed(p3, D2, D3)
+        self.patch_embed1 = patch_embed(p1, in_chans, D1)
+        self.patch_embed2 = patch_embed(p2, D1, D2)
+        self.patch_embed3 = patch_embed(p3, D2, D3)
         self.patch_embed4 = nn.Linear(D3, D3)
         self.stage1_output_decode = Conv(D1, D3, p2 * p3, stride=p2 * p3)   # multi-scale fusion
         self.stage2_output_decode = Conv(D2, D3, p3, stride=p3)
@@ -261,7 +211,7 @@ class MaskedAutoencoderConvViT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """Official init: sin-cos positions, xavier-uniform linears; convolutions keep PyTorch's."""
+        """Official init: sin-cos positions, xavier-uniform linears; convolutions and LayerNorms keep PyTorch's."""
         self.pos_embed.data.copy_(sincos_pos_embed(self.pos_embed.shape[-1], self.grid)[None])
         self.decoder_pos_embed.data.copy_(sincos_pos_embed(self.decoder_pos_embed.shape[-1], self.grid)[None])
         w = self.patch_embed3.proj.weight.data
@@ -270,9 +220,6 @@ class MaskedAutoencoderConvViT(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
     def _conv_stages(self, imgs, ids=None, fuse=True):
@@ -333,17 +280,16 @@ class MaskedAutoencoderConvViT(nn.Module):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
     def forward_features(self, imgs):
-        """The encoder on all units, as the official fine-tuning model (models_convvit.py) runs it:
-        no masking, no multi-scale fusion, no `norm` (it pools, then applies its own fc_norm).
-        imgs [N, 3, H, W] -> [N, L, D]."""
+        """The encoder on all units, as the official fine-tuning model (models_convvit.py) runs it: no masking,
+        no multi-scale fusion, no `norm` (it pools, then applies its own fc_norm). [N, 3, H, W] -> [N, L, D]."""
         x, _ = self._conv_stages(imgs, fuse=False)
         for blk in self.blocks3:
             x = blk(x)
         return x
 
     def pred_to_pixels(self, imgs, pred):
-        """pred [N, L, p*p*3] -> images [N, 3, H, W] in the input's normalisation; undoes
-        norm_pix_loss with each patch's own statistics, for pictures."""
+        """pred [N, L, p*p*3] -> images [N, 3, H, W] in the input's normalisation; undoes norm_pix_loss with
+        each patch's own statistics, for pictures."""
         if self.norm_pix_loss:
             target = patchify(imgs, self.patch_size)
             pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
@@ -351,7 +297,6 @@ class MaskedAutoencoderConvViT(nn.Module):
 
 
 # --- model builders (models_convmae.py: only the base size is released for pre-training) ---
-
 MODELS = {
     "convmae_convvit_base_patch16": partial(MaskedAutoencoderConvViT, patch_size=(4, 2, 2), embed_dim=(256, 384, 768),
                                             depth=(2, 2, 11), num_heads=12),
@@ -363,12 +308,9 @@ MODELS = {
 
 
 def load_pretrained(model, checkpoint):
-    """Load an official (or our) ConvMAE pre-training checkpoint, a path or a state_dict.
-
-    A full pre-training state_dict (the official ConvMAE-B release, our checkpoints) loads strictly.
-    An encoder-only state_dict loads too: every encoder key must match, and the names of the
-    absent decoder keys are returned (they keep their fresh init).
-    """
+    """Load an official (or our) ConvMAE pre-training checkpoint, a path or a state_dict. A full one (the
+    official ConvMAE-B release, ours) loads strictly. An encoder-only one loads too: every encoder key must
+    match, and the names of the absent decoder keys are returned (they keep their fresh init)."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True) if isinstance(checkpoint, str) else checkpoint
     state = state.get("model", state)
     ours = model.state_dict()
@@ -383,31 +325,31 @@ def load_pretrained(model, checkpoint):
 
 
 # --- arguments (defaults: the paper's ConvViT-B recipe, PRETRAIN.md) ---
-
-
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="ConvMAE pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="ConvMAE pre-training",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="convmae_convvit_base_patch16", help=f"one of: {', '.join(MODELS)}")
     p.add_argument("--data", default=None, help="image folder (DIR/train/<class>/*, DIR/<class>/* or flat); "
                                                 "none: the built-in data set")
     p.add_argument("--builtin_images", type=int, default=4096, help="size of the built-in data set (no --data)")
     p.add_argument("--input_size", type=int, default=None, help="image size; default: the model's (224, tiny: 32)")
-    p.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of 16x16 units hidden (paper: 75 %%, as MAE)")
+    p.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of 16x16 units hidden (75 %%, as MAE)")
     p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
                    help="per-patch normalised pixel targets (PRETRAIN.md recipe)")
     # optimisation (PRETRAIN.md: AdamW, blr 1.5e-4, 128 per GPU, wd 0.05, cosine, 40 warmup epochs, 1600 epochs)
     p.add_argument("--epochs", type=int, default=1600)
     p.add_argument("--warmup_epochs", type=int, default=40)
-    p.add_argument("--batch_size", type=int, default=128, help="per process; effective = batch_size x accum_iter x processes")
+    p.add_argument("--batch_size", type=int, default=128,
+                   help="per process; effective = batch_size x accum_iter x processes")
     p.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr x effective batch / 256")
     p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
     p.add_argument("--min_lr", type=float, default=0.0)
     p.add_argument("--weight_decay", type=float, default=0.05)
-    p.add_argument("--clip_grad", type=float, default=None, help="max grad norm; ConvMAE uses none")
+    p.add_argument("--clip_grad", type=float, default=None, help="max grad norm; 0 or none: off (ConvMAE clips none)")
     # system
     p.add_argument("--output_dir", default=None, help="default: output/<model>")
-    p.add_argument("--resume", default="", help="checkpoint path, or 'auto' for output_dir/checkpoint-last.pth if present")
+    p.add_argument("--resume", default="", help="a checkpoint, or 'auto': output_dir/checkpoint-last.pth if present")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data workers per process")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
@@ -440,44 +382,28 @@ def check_args(args):
 
 
 # --- training (main_pretrain.py + engine_pretrain.py) ---
-
-
-def save_checkpoint(state, path):
-    """Atomic: a crash mid-write, even of the machine, leaves the previous file or the whole new one."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_training_state(path, model, optimizer, scaler, args, epoch, batch_in_epoch):
-    """Every rank calls this (each rank's RNG streams are gathered); rank 0 writes.
-    Weights that are not finite (an update diverged after its loss was checked) stop the run
-    instead, so the file keeps the last good state."""
-    if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
-        sys.exit(f"error: the weights are not finite (the last step diverged); not saving. "
-                 f"The last good checkpoint is {path}; resume from it with a lower --blr or --amp none")
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    rngs = [rng]
-    if dist.is_initialized():
-        rngs = [None] * dist.get_world_size()
-        dist.all_gather_object(rngs, rng)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                         "world_size": len(rngs), "args": vars(args), "rng": rngs}, path)
-
-
 def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases and norms (1-D) nor on tokens (the official decays
-    the tokens, which are 3-D: README, "differs on purpose")."""
+    """AdamW groups: no weight decay on biases and norms (1-D) nor on the mask token. The official decays
+    the token too (timm 0.3.2's rule skips 1-D tensors only, and it is 3-D); we keep one rule for all five
+    methods, and it concerns one vector of decoder_embed_dim values."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:                                             # fixed pos embeds are not trained
             (no_decay if p.ndim <= 1 or name.endswith("_token") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def setup_distributed():
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain python is rank 0 of 1. Returns rank, world size,
+    device, and a gloo group on which the ranks agree on host-side flags without waiting for the GPU."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if world_size == 1:
+        return rank, world_size, device, None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device, dist.new_group(backend="gloo")
 
 
 def count_ranks(flag, group=None):
@@ -489,18 +415,60 @@ def count_ranks(flag, group=None):
     return int(t.item())
 
 
-def load_checkpoint(path, model_name):
-    if not os.path.isfile(path):
+def save_training_state(paths, model, optimizer, scaler, args, **position):
+    """Rank 0 writes the state to each of `paths`, atomically: a crash mid-write, even of the machine, leaves
+    the old file or the whole new one. Weights that are not finite (an update diverged after its loss was
+    checked) stop every rank instead, so the files keep the last good state."""
+    if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
+        sys.exit(f"error: the weights are not finite (the last step diverged); not saving. "
+                 f"The last good checkpoint is {paths[0]}; resume from it with a lower --blr or --amp none")
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "args": vars(args), **position}
+    for path in paths:
+        with open(path + ".tmp", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+
+
+def resume(args, model, optimizer, scaler, world_size, host_group, log):
+    """--resume FILE, or 'auto': output_dir/checkpoint-last.pth if it exists. Restores the weights, optimizer
+    and scaler; returns where to go on: (epoch, batch in epoch), (0, 0) for a fresh start."""
+    path = os.path.join(args.output_dir, "checkpoint-last.pth") if args.resume == "auto" else args.resume
+    seen = count_ranks(bool(path) and os.path.isfile(path), host_group)   # every rank must load the same
+    if 0 < seen < world_size:                                           # e.g. --output_dir on each node's disk
+        sys.exit(f"error: --resume {path} exists for {seen} of {world_size} processes; put it and --output_dir "
+                 f"on a file system that every node shares")
+    if not path or (args.resume == "auto" and not seen):
+        return 0, 0
+    if not seen:
         sys.exit(f"error: --resume {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         sys.exit(f"error: --resume {path}: not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or ckpt.get("args", {}).get("model") != model_name:
-        found = ckpt.get("args", {}).get("model", "no model name") if isinstance(ckpt, dict) else "not a dict"
-        sys.exit(f"error: --resume {path} is not a {model_name} training checkpoint ({found}); "
+    found = ckpt.get("args", {}).get("model", "no model name") if isinstance(ckpt, dict) else "not a dict"
+    if found != args.model or "model" not in ckpt:
+        sys.exit(f"error: --resume {path} is not a {args.model} training checkpoint ({found}); "
                  f"pass --model to match it or start a new --output_dir")
-    return ckpt
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError) as e:                             # other shapes, or other param groups
+        sys.exit(f"error: --resume {path} does not fit {args.model} at --input_size {args.input_size} "
+                 f"({str(e).strip().splitlines()[-1].strip()})")
+    if ckpt["scaler"] and scaler.is_enabled():                          # empty unless saved by an fp16 run
+        scaler.load_state_dict(ckpt["scaler"])
+    layout = (ckpt["world_size"], ckpt["args"]["batch_size"], ckpt["args"]["accum_iter"])
+    if ckpt["batch_in_epoch"] and layout != (world_size, args.batch_size, args.accum_iter):
+        log(f"warning: {path} was saved mid-epoch by another processes x batch x accum layout; "
+            f"restarting epoch {ckpt['epoch']} from its start")         # the position means other batches
+        ckpt["batch_in_epoch"] = 0
+    log(f"resumed from {path} at epoch {ckpt['epoch']}, batch {ckpt['batch_in_epoch']}")
+    return ckpt["epoch"], ckpt["batch_in_epoch"]
 
 
 @torch.no_grad()
@@ -516,22 +484,15 @@ def save_reconstruction(model, imgs, noise, mask_ratio, path):
     recon = model.pred_to_pixels(imgs, pred.float()).cpu() * std + mean
     columns = [orig, orig * (1 - hidden) + 0.5 * hidden, recon, orig * (1 - hidden) + recon * hidden]
     grid = torch.stack(columns, dim=1).flatten(0, 1)                    # [4N, 3, H, W], row by row
-    save_image(grid.clamp(0, 1), path, nrow=4, padding=1)
+    scale = -(-256 // (4 * grid.shape[-1]))                             # nearest upscaling: rows >= 256 px
+    save_image(F.interpolate(grid.clamp(0, 1), scale_factor=scale, mode="nearest"), path, nrow=4, padding=1)
 
 
 def main(args):
-    # 1. setup distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    distributed = world_size > 1
-    if distributed:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    host_group = dist.new_group(backend="gloo") if distributed else None  # ranks agree on CPU: no GPU sync
-    is_main = rank == 0
-    log = tqdm.write if is_main else (lambda *a, **k: None)            # print, above the progress bar
+    # 1. setup distributed; only rank 0 prints
+    rank, world_size, device, host_group = setup_distributed()
+    distributed, is_main = world_size > 1, rank == 0
+    log = partial(print, flush=True) if is_main else (lambda *a: None)
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     if amp != "none" and device.type == "cpu":
         log(f"warning: --amp {amp} on CPU is fast only on CPUs with native {amp} matmuls; --amp none is the default")
@@ -540,26 +501,27 @@ def main(args):
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
 
-    # 3. data: each sample's crop, flip and masking noise are seeded by (seed, epoch, index)
-    if is_main:
-        try:
-            os.makedirs(args.output_dir, exist_ok=True)
-            open(os.path.join(args.output_dir, ".write-test"), "w").close()
-            os.remove(os.path.join(args.output_dir, ".write-test"))
-        except OSError as e:
-            sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
+    # 3. data: batches of (imgs [B, 3, H, W], noise [B, L]). The data set is indexed by (epoch, i) and draws each
+    # sample's crop, flip and masking noise from a stream seeded by (seed, epoch, i): the same samples whatever
+    # the number of processes, and `sampler.skip_batches` resumes mid-epoch on exactly the batches to come.
+    try:                                                                # the run's first write: fails early
+        os.makedirs(args.output_dir, exist_ok=True)
+        log_file = open(os.path.join(args.output_dir, "log.jsonl") if is_main else os.devnull, "a")
+    except OSError as e:
+        sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
     L = (args.input_size // math.prod(MODELS[args.model].keywords["patch_size"])) ** 2   # mask units
     try:
         images = load_images(args.data, "train", args.input_size, args.builtin_images)
         loader = pretrain_loader(images, args.input_size, args.batch_size, L, args.seed, rank, world_size,
                                  args.num_workers)
-        demo = [loader.dataset[(0, i)] for i in range(min(8, len(images)))]   # fixed batch for pictures
+        demo = [loader.dataset[(0, i)] for i in range(0, len(images), max(len(images) // 8, 1))][:8]
     except ValueError as e:
         sys.exit(f"error: {e}")
-    demo_imgs, demo_noise = (torch.stack(t).to(device) for t in zip(*demo))
+    demo_imgs, demo_noise = (torch.stack(t).to(device) for t in zip(*demo))   # 8 images across the data set
     batches_per_epoch = len(loader) // args.accum_iter * args.accum_iter   # whole optimizer steps only
     if batches_per_epoch == 0:
         sys.exit(f"error: --accum_iter {args.accum_iter} exceeds the {len(loader)} batches per epoch; lower it")
+    steps_per_epoch = batches_per_epoch // args.accum_iter
 
     # 4. model: build, optionally compile, then wrap in DDP
     model = MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss).to(device)
@@ -567,7 +529,7 @@ def main(args):
     if args.compile:
         model = torch.compile(model)
     if distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # 5. param groups: no weight decay on biases, norms (1-D) and tokens
     groups = param_groups(model_without_ddp, args.weight_decay)
@@ -581,115 +543,73 @@ def main(args):
                 if amp != "none" else nullcontext())
     log(f"{args.model} | {sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.1f} M params | "
         f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {world_size} | lr {args.lr:.3g} | "
-        f"{batches_per_epoch // args.accum_iter} steps/epoch | amp {amp} | {device}")
+        f"{steps_per_epoch} steps/epoch | amp {amp} | {device}")
 
-    # 7. schedule: the lr is set before every optimizer step from the fractional epoch (below)
-    # 8. resume: model, optimizer, scaler, position in the run, RNG states
-    epoch, batch_in_epoch = 0, 0
+    # 7. schedule: warmup + cosine, the lr set before every optimizer step from the fractional epoch (in 9)
+    # 8. resume: weights, optimizer, scaler and the position (epoch, batch in epoch)
+    epoch, batch_in_epoch = resume(args, model_without_ddp, optimizer, scaler, world_size, host_group, log)
     path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    resume = path_last if args.resume == "auto" else args.resume
-    seen = count_ranks(bool(resume) and os.path.isfile(resume), host_group)  # every rank must load the same
-    if 0 < seen < world_size:                                           # e.g. --output_dir on each node's disk
-        sys.exit(f"error: --resume {resume} exists for {seen} of {world_size} processes; put it and --output_dir "
-                 f"on a file system that every node shares")
-    if resume and (args.resume != "auto" or seen):
-        ckpt = load_checkpoint(resume, args.model)
-        try:
-            model_without_ddp.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            sys.exit(f"error: --resume {resume} does not fit {args.model} at --input_size {args.input_size} "
-                     f"({str(e).strip().splitlines()[-1].strip()})")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"] and scaler.is_enabled():                      # empty unless saved by an fp16 run
-            scaler.load_state_dict(ckpt["scaler"])
-        epoch, batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
-        same_layout = (ckpt["world_size"], ckpt["args"]["batch_size"], ckpt["args"]["accum_iter"]) == \
-                      (world_size, args.batch_size, args.accum_iter)
-        if batch_in_epoch and not same_layout:                          # the position means other batches
-            log(f"warning: {resume} was saved mid-epoch by another processes x batch x accum layout; "
-                f"restarting epoch {epoch} from its start")
-            batch_in_epoch = 0
-        if ckpt["world_size"] == world_size:                            # else a new world: fresh seeds
-            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-            if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
-        log(f"resumed from {resume} at epoch {epoch}, batch {batch_in_epoch}")
-    save_state = partial(save_training_state, path_last, model_without_ddp, optimizer, scaler, args)
+    save_state = partial(save_training_state, model=model_without_ddp, optimizer=optimizer, scaler=scaler,
+                         args=args, world_size=world_size)
+    stop = []                                                           # SIGTERM: save at the next step, exit 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
 
-    stop = {"signal": None}                                              # SIGTERM: save at the next step
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-
-    # 9. loop
-    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
+    # 9. loop: one optimizer step per accum_iter micro-batches
     model.train()
-    while epoch < args.epochs:
+    stopping = False
+    while epoch < args.epochs and not stopping:
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip_batches = batch_in_epoch
-        bar = tqdm(total=batches_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}", dynamic_ncols=True,
-                   leave=False, disable=not (is_main and sys.stderr.isatty()))   # a batch log gets the lines only
-        loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.bool)
-        n_logged, t_log = 0, time.time()
+        loss_sum, n_summed, t_log = torch.zeros((), device=device), 0, time.time()
         for imgs, noise in itertools.islice(loader, batches_per_epoch - batch_in_epoch):
             if batch_in_epoch % args.accum_iter == 0:
                 lr = cosine_lr(epoch + batch_in_epoch / batches_per_epoch, args.lr, args.min_lr,
                                args.warmup_epochs, args.epochs)
                 set_lr(optimizer, lr)
             imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
-            last_micro = (batch_in_epoch + 1) % args.accum_iter == 0
+            # what the model draws (drop path) comes from a stream keyed by rank and micro-batch: resume is exact
+            torch.manual_seed(args.seed + rank + world_size * (epoch * batches_per_epoch + batch_in_epoch))
+            batch_in_epoch += 1
+            last_micro = batch_in_epoch % args.accum_iter == 0
             # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs
             with (model.no_sync() if distributed and not last_micro else nullcontext()), autocast:
                 loss, _, _ = model(imgs, args.mask_ratio, noise)
             scaler.scale(loss / args.accum_iter).backward()
-            loss = loss.detach().float()
-            nonfinite |= ~torch.isfinite(loss)                           # checked at log time: no sync per step
-            loss_sum += loss
-            batch_in_epoch += 1
-            bar.update()
+            loss_sum += loss.detach().float()                           # on the device: a NaN stays in the sum
+            n_summed += 1
             if not last_micro:
                 continue
-            if args.clip_grad is not None:
+            if args.clip_grad:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            n_logged += args.accum_iter
             step = batch_in_epoch // args.accum_iter
-            stopping = count_ranks(stop["signal"] is not None, host_group) > 0
+            # per step, the ranks all-reduce one CPU float (has any had a SIGTERM?) on the gloo group: no GPU sync
+            stopping = count_ranks(bool(stop), host_group) > 0
             if step % args.log_every == 0 or batch_in_epoch == batches_per_epoch or stopping:
-                stats = torch.stack([loss_sum / n_logged, nonfinite.float()])
                 if distributed:
-                    dist.all_reduce(stats)
-                mean_loss, bad = stats[0].item() / world_size, stats[1].item() > 0
-                if bad or not math.isfinite(mean_loss):
-                    bar.close()
-                    sys.exit(f"error: loss is {mean_loss} at epoch {epoch} step {step}; stopping without saving. "
-                             f"The last good checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
-                ips = n_logged * args.batch_size * world_size / (time.time() - t_log)
-                record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "img_per_s": round(ips, 1)}
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-                log(f"epoch {epoch} step {step}/{batches_per_epoch // args.accum_iter} | loss {mean_loss:.4f} | "
-                    f"lr {lr:.2e} | {ips:.0f} img/s")
-                if is_main:
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                loss_sum.zero_(), nonfinite.zero_()
-                n_logged, t_log = 0, time.time()
+                    dist.all_reduce(loss_sum)
+                loss = loss_sum.item() / n_summed / world_size           # the only GPU sync: at log steps
+                if not math.isfinite(loss):
+                    sys.exit(f"error: loss is {loss} at epoch {epoch} step {step}; stopping without saving. The last "
+                             f"good checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
+                ips = n_summed * args.batch_size * world_size / (time.time() - t_log)
+                log(f"epoch {epoch} step {step}/{steps_per_epoch} | loss {loss:.4f} | lr {lr:.2e} | {ips:.0f} img/s")
+                record = {"epoch": epoch, "step": step, "loss": loss, "lr": lr, "img_per_s": round(ips, 1)}
+                print(json.dumps(record), file=log_file, flush=True)
+                loss_sum, n_summed, t_log = torch.zeros((), device=device), 0, time.time()
             if stopping:
-                bar.close()
-                save_state(epoch, batch_in_epoch)
-                log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
-                if distributed:
-                    dist.destroy_process_group()
-                return
-        bar.close()
-        epoch, batch_in_epoch = epoch + 1, 0
-        save_state(epoch, 0)
-        if is_main:
-            if epoch % args.save_every == 0 or epoch == args.epochs:     # a kept copy, written atomically
-                copy = os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")
-                shutil.copyfile(path_last, copy + ".tmp")
-                os.replace(copy + ".tmp", copy)
+                break
+        if not stopping:
+            epoch, batch_in_epoch = epoch + 1, 0
+        keep = not stopping and (epoch % args.save_every == 0 or epoch == args.epochs)   # a copy every save_every
+        save_state([path_last] + [os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")] * keep,
+                   epoch=epoch, batch_in_epoch=batch_in_epoch)
+        if stopping:
+            log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
+        elif is_main:
             save_reconstruction(model_without_ddp, demo_imgs, demo_noise, args.mask_ratio,
                                 os.path.join(args.output_dir, f"recon-epoch{epoch:03d}.png"))
             log(f"epoch {epoch}/{args.epochs} done | checkpoint and picture in {args.output_dir}")

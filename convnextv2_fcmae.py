@@ -12,6 +12,8 @@ that sparse convolution equals dense convolution with the mask re-applied; this 
 dense version, exactly equivalent on visible positions (tests/test_convnextv2_fcmae.py shows it
 against a reference that computes visible positions only), and it loads the official sparse
 checkpoints by converting their layout.
+Copy it with common.py and it runs as it does here; inside a package, make the `from common import` line
+relative. The model needs only torch, torchvision's stochastic_depth and common's patchify/unpatchify.
 
     python convnextv2_fcmae.py --model convnextv2_fcmae_test --epochs 5 --warmup_epochs 1   # CPU demo
     torchrun --nproc_per_node=8 convnextv2_fcmae.py --data /imagenet --accum_iter 8   # 64 x 8 x 8 = 4096
@@ -23,7 +25,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -34,25 +35,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torchvision.ops import stochastic_depth
 from torchvision.utils import save_image
-from tqdm import tqdm
 
 from common import IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_images, patchify, pretrain_loader, set_lr, unpatchify
 
 # Conventions: N batch, L mask units (32x32 patches), C width, p = 32. mask: 1 = hidden, 0 = visible.
 # Feature maps are [N, C, H, W] between blocks (channels-last inside them, as the official dense code).
 
+
 # --- ConvNeXt V2 blocks (names as the official dense convnextv2.py) ---
-
-
-def drop_path(x, p, training):
-    """Stochastic depth (fine-tuning only): zero a residual branch for whole samples, rescale the rest."""
-    if not training or p == 0.0:
-        return x
-    keep = 1.0 - p
-    return x * x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
-
-
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of [N, C, H, W] maps (the official `channels_first` LayerNorm)."""
 
@@ -61,12 +53,10 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class GRN(nn.Module):
-    """Global Response Normalisation (ConvNeXt V2 §4): each channel's L2 norm over space, divided
-    by its mean over channels, rescales the features: x + gamma * (x * Nx) + beta.
-
-    With `visible` [N, H, W, 1] it is the official sparse GRN (MinkowskiGRN), whose norm runs over
-    the visible positions of the whole batch at once, not per image: the FCMAE encoder's rule.
-    """
+    """Global Response Normalisation (ConvNeXt V2 §4): each channel's L2 norm over space, divided by its mean
+    over channels, rescales the features: x + gamma * (x * Nx) + beta. With `visible` [N, H, W, 1] it is the
+    official sparse GRN (MinkowskiGRN), whose norm runs over the visible positions of the whole batch at once,
+    not per image: the FCMAE encoder's rule."""
 
     def __init__(self, dim):
         super().__init__()
@@ -84,11 +74,11 @@ class GRN(nn.Module):
 
 class Block(nn.Module):
     """ConvNeXt V2 block: 7x7 depthwise conv, LayerNorm, 1x1 up (4C), GELU, GRN, 1x1 down, residual.
+    `drop_path` (stochastic depth: a whole sample's branch is zeroed, the others rescaled) is for fine-tuning.
 
-    With `visible` [N, 1, H, W] it computes what the sparse block computes on visible positions:
-    the input is zero at hidden positions (the caller keeps it so), GRN takes its statistics
-    from visible positions only, and the output is zeroed again at hidden positions.
-    """
+    With `visible` [N, 1, H, W] it computes what the sparse block computes on visible positions: the input is
+    zero at hidden positions (the caller keeps it so), GRN takes its statistics from visible positions only,
+    and the output is zeroed again at hidden positions."""
 
     def __init__(self, dim, drop_path=0.0):
         super().__init__()
@@ -105,18 +95,17 @@ class Block(nn.Module):
         h = self.act(self.pwconv1(self.norm(h)))                        # [N, H, W, 4C]
         h = self.grn(h, None if visible is None else visible.permute(0, 2, 3, 1))
         h = self.pwconv2(h).permute(0, 3, 1, 2)                         # [N, C, H, W]
-        x = x + drop_path(h, self.drop_path, self.training)
+        x = x + stochastic_depth(h, self.drop_path, "row", self.training)
         return x if visible is None else x * visible
 
 
 class ConvNeXtV2(nn.Module):
     """The encoder: a 4x4 stem, then four stages of blocks, stages 1-3 each after a 2x2 downsampling.
 
-    forward(imgs, mask) with mask [N, L] (1 = hidden, 32 px units) is the FCMAE encoder: the
-    stem runs densely, hidden positions are zeroed, and from there every position that
-    belongs to a hidden unit stays zero and out of every statistic, as absent sites of the
-    official sparse tensor are. The output [N, C3, H/32, W/32] is zero at hidden units.
-    """
+    forward(imgs, mask) with mask [N, L] (1 = hidden, 32 px units) is the FCMAE encoder: the stem runs densely,
+    hidden positions are zeroed, and from there every position that belongs to a hidden unit stays zero and
+    out of every statistic, as absent sites of the official sparse tensor are. The output [N, C3, H/32, W/32]
+    is zero at hidden units."""
 
     def __init__(self, in_chans=3, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), drop_path_rate=0.0):
         super().__init__()
@@ -126,16 +115,15 @@ class ConvNeXtV2(nn.Module):
             self.downsample_layers.append(nn.Sequential(LayerNorm2d(dims[i], eps=1e-6),
                                                         nn.Conv2d(dims[i], dims[i + 1], 2, stride=2)))
         dpr = [drop_path_rate * j / max(sum(depths) - 1, 1) for j in range(sum(depths))]
-        self.stages = nn.ModuleList([nn.Sequential(*[Block(dims[i], dpr[sum(depths[:i]) + j]) for j in range(depths[i])])
-                                     for i in range(4)])
+        self.stages = nn.ModuleList([nn.Sequential(*[Block(dims[i], dpr[sum(depths[:i]) + j])
+                                                     for j in range(depths[i])]) for i in range(4)])
 
     def forward(self, imgs, mask=None):
         x = self.downsample_layers[0](imgs)                             # [N, C0, H/4, W/4]
         visible = None
         if mask is not None:                                            # a 32 px unit is 8 x 8 stem positions
-            g = int(mask.shape[1] ** 0.5)
-            visible = (1 - mask).view(-1, 1, g, g).repeat_interleave(x.shape[-1] // g, 2)
-            visible = visible.repeat_interleave(x.shape[-1] // g, 3).to(x.dtype)
+            g = math.isqrt(mask.shape[1])
+            visible = nn.functional.interpolate((1 - mask).view(-1, 1, g, g), size=x.shape[-2:]).to(x.dtype)
             x = x * visible
         for i, stage in enumerate(self.stages):
             if i > 0:
@@ -152,8 +140,6 @@ class ConvNeXtV2(nn.Module):
 
 
 # --- masking (ConvNeXt V2 §3: random 32x32 patches, 60 %) ---
-
-
 def random_masking(noise, mask_ratio):
     """Keep the L_keep = int(L * (1 - mask_ratio)) units with the smallest noise (fcmae.py's rule).
     noise [N, L] -> mask [N, L], 1 = hidden."""
@@ -162,8 +148,6 @@ def random_masking(noise, mask_ratio):
 
 
 # --- the model: sparse-equivalent encoder, one-block decoder with mask tokens, MAE loss ---
-
-
 class FCMAE(nn.Module):
     def __init__(self, img_size=224, in_chans=3, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768),
                  decoder_embed_dim=512, decoder_depth=1, patch_size=32, norm_pix_loss=False, drop_path_rate=0.0):
@@ -181,12 +165,12 @@ class FCMAE(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """The weights the official FCMAE ends with. Its sparse encoder first initialises every
-        kernel and linear with a truncated normal of std .02; then FCMAE's own init runs over all
-        modules and calls timm's trunc_normal_ without a std for depthwise kernels, linears and
-        dense convolutions: those end with std 1 (cut at +-2); the downsampling convolutions keep
-        .02. The nn.Linear layers of the dense decoder block keep PyTorch's init, biases too; all
-        other biases 0, LayerNorm 1/0, GRN 0, mask token normal .02."""
+        """The weights the official FCMAE ends with. Its sparse encoder first initialises every kernel and
+        linear with a truncated normal of std .02; then FCMAE's own init runs over all modules and calls timm's
+        trunc_normal_ without a std for depthwise kernels, linears and dense convolutions: those end with std 1
+        (cut at +-2); the downsampling convolutions keep .02. The nn.Linear layers of the dense decoder block
+        keep PyTorch's init, biases too; all other biases 0; LayerNorm 1/0 and GRN 0 (as built); mask token
+        normal .02."""
         for name, m in self.named_modules():
             if isinstance(m, nn.Conv2d):
                 downsample = name.startswith("encoder.downsample_layers.") and not name.endswith("0.0")
@@ -196,9 +180,6 @@ class FCMAE(nn.Module):
             elif isinstance(m, nn.Linear) and name.startswith("encoder."):
                 nn.init.trunc_normal_(m.weight, std=1.0, a=-2.0, b=2.0)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward_encoder(self, imgs, mask_ratio, noise=None):
@@ -206,7 +187,9 @@ class FCMAE(nn.Module):
         if imgs.shape[-2:] != (self.grid * self.patch_size,) * 2:
             raise ValueError(f"images are {tuple(imgs.shape[-2:])}, this model was built for "
                              f"{self.grid * self.patch_size} px (pass img_size= to the builder)")
-        if noise is None:                       # normal, as fcmae.py; training passes uniform noise: same masks
+        # normal noise, as fcmae.py. The loader passes uniform noise: other masks, the same mask distribution
+        # (the argsort of i.i.d. noise picks every set of L_keep units with the same chance)
+        if noise is None:
             noise = torch.randn(imgs.shape[0], self.grid ** 2, device=imgs.device)
         mask = random_masking(noise, mask_ratio)
         return self.encoder(imgs, mask), mask
@@ -221,8 +204,8 @@ class FCMAE(nn.Module):
         return self.pred(x).flatten(2).transpose(1, 2)                  # [N, L, p*p*3]
 
     def forward_loss(self, imgs, pred, mask):
-        """MAE's loss at 32 px: mean squared error over hidden units, each target patch normalised
-        by its own mean and (unbiased) variance when norm_pix_loss."""
+        """MAE's loss at 32 px: mean squared error over hidden units, each target patch normalised by its own
+        mean and (unbiased) variance when norm_pix_loss."""
         target = patchify(imgs, self.patch_size)                        # [N, L, p*p*3]
         if self.norm_pix_loss:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
@@ -248,7 +231,6 @@ class FCMAE(nn.Module):
 
 
 # --- model builders (fcmae.py: the eight paper sizes, decoder 512-d, one block) ---
-
 MODELS = {
     "convnextv2_fcmae_atto": partial(FCMAE, depths=(2, 2, 6, 2), dims=(40, 80, 160, 320)),
     "convnextv2_fcmae_femto": partial(FCMAE, depths=(2, 2, 6, 2), dims=(48, 96, 192, 384)),
@@ -265,14 +247,11 @@ MODELS = {
 
 
 # --- official checkpoints: MinkowskiEngine layout -> ours ---
-
-
 def from_sparse_layout(state):
     """Convert a MinkowskiEngine-layout FCMAE state_dict to this file's dense layout (utils.py's
-    remap_checkpoint_keys, keeping the `encoder.` prefix). Sparse kernels are [k*k, C_in, C_out]
-    (depthwise [k*k, C]) with the offsets in column-major order: to [C_out, C_in, k, k], then the
-    two spatial axes swapped. `.ln` / `.linear` wrappers drop out of the names; GRN [1, C] gains
-    two axes; biases [1, C] lose one."""
+    remap_checkpoint_keys, keeping the `encoder.` prefix). Sparse kernels are [k*k, C_in, C_out] (depthwise
+    [k*k, C]) with the offsets in column-major order: to [C_out, C_in, k, k], then the two spatial axes
+    swapped. `.ln` / `.linear` wrappers drop out of the names; GRN [1, C] gains two axes; biases [1, C] lose one."""
     out = {}
     for k, v in state.items():
         parts = k.split(".")
@@ -297,10 +276,9 @@ def is_sparse_layout(state):
 
 
 def load_pretrained(model, checkpoint):
-    """Load an official FCMAE checkpoint (MinkowskiEngine layout, converted) or one of ours into
-    `model`, a path or a state_dict. An official fine-tuned ConvNeXt V2 (no `encoder.` prefix)
-    loads into model.encoder (its `norm` and `head` are left out). Returns the keys of `model`
-    the checkpoint did not have."""
+    """Load an official FCMAE checkpoint (MinkowskiEngine layout, converted) or one of ours into `model`, a path
+    or a state_dict. An official fine-tuned ConvNeXt V2 (no `encoder.` prefix) loads into model.encoder (its
+    `norm` and `head` are left out). Returns the keys of `model` the checkpoint did not have."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True) if isinstance(checkpoint, str) else checkpoint
     state = state.get("model", state)
     if is_sparse_layout(state):
@@ -321,10 +299,9 @@ def load_pretrained(model, checkpoint):
 
 
 # --- arguments (defaults: TRAINING.md's FCMAE pre-training recipe) ---
-
-
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="ConvNeXt V2 FCMAE pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="ConvNeXt V2 FCMAE pre-training",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="convnextv2_fcmae_base", help=f"one of: {', '.join(MODELS)}")
     p.add_argument("--data", default=None, help="image folder (DIR/train/<class>/*, DIR/<class>/* or flat); "
                                                 "none: the built-in data set")
@@ -333,25 +310,25 @@ def get_args(argv=None):
     p.add_argument("--mask_ratio", type=float, default=0.6, help="fraction of 32x32 units hidden (paper: 60 %%)")
     p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
                    help="per-patch normalised pixel targets (TRAINING.md recipe)")
-    # optimisation (TRAINING.md: blr 1.5e-4, batch 4096, 40 warmup, 1600 epochs; main_pretrain.py: AdamW (0.9, 0.95),
-    # wd 0.05, cosine)
+    # optimisation (TRAINING.md, main_pretrain.py: AdamW (0.9, 0.95), blr 1.5e-4, batch 4096, wd 0.05, cosine)
     p.add_argument("--epochs", type=int, default=1600)
     p.add_argument("--warmup_epochs", type=int, default=40)
-    p.add_argument("--batch_size", type=int, default=64, help="per process; effective = batch_size x accum_iter x processes")
+    p.add_argument("--batch_size", type=int, default=64,
+                   help="per process; effective = batch_size x accum_iter x processes")
     p.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr x effective batch / 256")
     p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
     p.add_argument("--min_lr", type=float, default=0.0)
     p.add_argument("--weight_decay", type=float, default=0.05)
-    p.add_argument("--clip_grad", type=float, default=None, help="max grad norm; FCMAE uses none")
+    p.add_argument("--clip_grad", type=float, default=None, help="max grad norm; 0 or none: off (FCMAE clips none)")
     # system
     p.add_argument("--output_dir", default=None, help="default: output/<model>")
-    p.add_argument("--resume", default="", help="checkpoint path, or 'auto' for output_dir/checkpoint-last.pth if present")
+    p.add_argument("--resume", default="", help="a checkpoint, or 'auto': output_dir/checkpoint-last.pth if present")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data workers per process")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
                    help="default: bf16 on CUDA, none on CPU; the official FCMAE trains in fp32 (none); "
-                        "fp16 is refused: it overflows with the official init (README)")
+                        "fp16 is refused: the official init drives decoder outputs past its range")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--save_every", type=int, default=20, help="keep a copy of the checkpoint every N epochs")
     p.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
@@ -384,44 +361,28 @@ def check_args(args):
 
 
 # --- training (main_pretrain.py + engine_pretrain.py) ---
-
-
-def save_checkpoint(state, path):
-    """Atomic: a crash mid-write, even of the machine, leaves the previous file or the whole new one."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_training_state(path, model, optimizer, scaler, args, epoch, batch_in_epoch):
-    """Every rank calls this (each rank's RNG streams are gathered); rank 0 writes.
-    Weights that are not finite (an update diverged after its loss was checked) stop the run
-    instead, so the file keeps the last good state."""
-    if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
-        sys.exit(f"error: the weights are not finite (the last step diverged); not saving. "
-                 f"The last good checkpoint is {path}; resume from it with a lower --blr or --amp none")
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    rngs = [rng]
-    if dist.is_initialized():
-        rngs = [None] * dist.get_world_size()
-        dist.all_gather_object(rngs, rng)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                         "world_size": len(rngs), "args": vars(args), "rng": rngs}, path)
-
-
 def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases and norms (1-D) nor on the mask token (the official
-    decays it: README). GRN's gamma and beta are 4-D and decayed, as in the official."""
+    """AdamW groups: no weight decay on biases and norms (1-D) nor on the mask token. The official decays
+    the token (timm's rule skips 1-D tensors only, and it is 4-D); we keep one rule for all five methods, and
+    it concerns one vector of decoder_embed_dim values. GRN's gamma and beta (4-D) are decayed, as the official's."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 or name.endswith("_token") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def setup_distributed():
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain python is rank 0 of 1. Returns rank, world size,
+    device, and a gloo group on which the ranks agree on host-side flags without waiting for the GPU."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if world_size == 1:
+        return rank, world_size, device, None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device, dist.new_group(backend="gloo")
 
 
 def count_ranks(flag, group=None):
@@ -433,18 +394,60 @@ def count_ranks(flag, group=None):
     return int(t.item())
 
 
-def load_checkpoint(path, model_name):
-    if not os.path.isfile(path):
+def save_training_state(paths, model, optimizer, scaler, args, **position):
+    """Rank 0 writes the state to each of `paths`, atomically: a crash mid-write, even of the machine, leaves
+    the old file or the whole new one. Weights that are not finite (an update diverged after its loss was
+    checked) stop every rank instead, so the files keep the last good state."""
+    if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
+        sys.exit(f"error: the weights are not finite (the last step diverged); not saving. "
+                 f"The last good checkpoint is {paths[0]}; resume from it with a lower --blr or --amp none")
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "args": vars(args), **position}
+    for path in paths:
+        with open(path + ".tmp", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+
+
+def resume(args, model, optimizer, scaler, world_size, host_group, log):
+    """--resume FILE, or 'auto': output_dir/checkpoint-last.pth if it exists. Restores the weights, optimizer
+    and scaler; returns where to go on: (epoch, batch in epoch), (0, 0) for a fresh start."""
+    path = os.path.join(args.output_dir, "checkpoint-last.pth") if args.resume == "auto" else args.resume
+    seen = count_ranks(bool(path) and os.path.isfile(path), host_group)   # every rank must load the same
+    if 0 < seen < world_size:                                           # e.g. --output_dir on each node's disk
+        sys.exit(f"error: --resume {path} exists for {seen} of {world_size} processes; put it and --output_dir "
+                 f"on a file system that every node shares")
+    if not path or (args.resume == "auto" and not seen):
+        return 0, 0
+    if not seen:
         sys.exit(f"error: --resume {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         sys.exit(f"error: --resume {path}: not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or ckpt.get("args", {}).get("model") != model_name:
-        found = ckpt.get("args", {}).get("model", "no model name") if isinstance(ckpt, dict) else "not a dict"
-        sys.exit(f"error: --resume {path} is not a {model_name} training checkpoint ({found}); "
+    found = ckpt.get("args", {}).get("model", "no model name") if isinstance(ckpt, dict) else "not a dict"
+    if found != args.model or "model" not in ckpt:
+        sys.exit(f"error: --resume {path} is not a {args.model} training checkpoint ({found}); "
                  f"pass --model to match it or start a new --output_dir")
-    return ckpt
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError) as e:                             # other shapes, or other param groups
+        sys.exit(f"error: --resume {path} does not fit {args.model} at --input_size {args.input_size} "
+                 f"({str(e).strip().splitlines()[-1].strip()})")
+    if ckpt["scaler"] and scaler.is_enabled():                          # empty unless saved by an fp16 run
+        scaler.load_state_dict(ckpt["scaler"])
+    layout = (ckpt["world_size"], ckpt["args"]["batch_size"], ckpt["args"]["accum_iter"])
+    if ckpt["batch_in_epoch"] and layout != (world_size, args.batch_size, args.accum_iter):
+        log(f"warning: {path} was saved mid-epoch by another processes x batch x accum layout; "
+            f"restarting epoch {ckpt['epoch']} from its start")         # the position means other batches
+        ckpt["batch_in_epoch"] = 0
+    log(f"resumed from {path} at epoch {ckpt['epoch']}, batch {ckpt['batch_in_epoch']}")
+    return ckpt["epoch"], ckpt["batch_in_epoch"]
 
 
 @torch.no_grad()
@@ -460,22 +463,16 @@ def save_reconstruction(model, imgs, noise, mask_ratio, path):
     recon = model.pred_to_pixels(imgs, pred.float()).cpu() * std + mean
     columns = [orig, orig * (1 - hidden) + 0.5 * hidden, recon, orig * (1 - hidden) + recon * hidden]
     grid = torch.stack(columns, dim=1).flatten(0, 1)                    # [4N, 3, H, W], row by row
-    save_image(grid.clamp(0, 1), path, nrow=4, padding=1)
+    scale = -(-256 // (4 * grid.shape[-1]))                             # nearest upscaling: rows >= 256 px
+    save_image(nn.functional.interpolate(grid.clamp(0, 1), scale_factor=scale, mode="nearest"), path, nrow=4,
+               padding=1)
 
 
 def main(args):
-    # 1. setup distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    distributed = world_size > 1
-    if distributed:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    host_group = dist.new_group(backend="gloo") if distributed else None  # ranks agree on CPU: no GPU sync
-    is_main = rank == 0
-    log = tqdm.write if is_main else (lambda *a, **k: None)            # print, above the progress bar
+    # 1. setup distributed; only rank 0 prints
+    rank, world_size, device, host_group = setup_distributed()
+    distributed, is_main = world_size > 1, rank == 0
+    log = partial(print, flush=True) if is_main else (lambda *a: None)
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     if amp != "none" and device.type == "cpu":
         log(f"warning: --amp {amp} on CPU is fast only on CPUs with native {amp} matmuls; --amp none is the default")
@@ -484,26 +481,27 @@ def main(args):
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
 
-    # 3. data: each sample's crop, flip and masking noise are seeded by (seed, epoch, index)
-    if is_main:
-        try:
-            os.makedirs(args.output_dir, exist_ok=True)
-            open(os.path.join(args.output_dir, ".write-test"), "w").close()
-            os.remove(os.path.join(args.output_dir, ".write-test"))
-        except OSError as e:
-            sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
+    # 3. data: batches of (imgs [B, 3, H, W], noise [B, L]). The data set is indexed by (epoch, i) and draws each
+    # sample's crop, flip and masking noise from a stream seeded by (seed, epoch, i): the same samples whatever
+    # the number of processes, and `sampler.skip_batches` resumes mid-epoch on exactly the batches to come.
+    try:                                                                # the run's first write: fails early
+        os.makedirs(args.output_dir, exist_ok=True)
+        log_file = open(os.path.join(args.output_dir, "log.jsonl") if is_main else os.devnull, "a")
+    except OSError as e:
+        sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
     L = (args.input_size // 32) ** 2                                    # mask units
     try:
         images = load_images(args.data, "train", args.input_size, args.builtin_images)
         loader = pretrain_loader(images, args.input_size, args.batch_size, L, args.seed, rank, world_size,
                                  args.num_workers)
-        demo = [loader.dataset[(0, i)] for i in range(min(8, len(images)))]   # fixed batch for pictures
+        demo = [loader.dataset[(0, i)] for i in range(0, len(images), max(len(images) // 8, 1))][:8]
     except ValueError as e:
         sys.exit(f"error: {e}")
-    demo_imgs, demo_noise = (torch.stack(t).to(device) for t in zip(*demo))
+    demo_imgs, demo_noise = (torch.stack(t).to(device) for t in zip(*demo))   # 8 images across the data set
     batches_per_epoch = len(loader) // args.accum_iter * args.accum_iter   # whole optimizer steps only
     if batches_per_epoch == 0:
         sys.exit(f"error: --accum_iter {args.accum_iter} exceeds the {len(loader)} batches per epoch; lower it")
+    steps_per_epoch = batches_per_epoch // args.accum_iter
 
     # 4. model: build, optionally compile, then wrap in DDP
     model = MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss).to(device)
@@ -511,7 +509,7 @@ def main(args):
     if args.compile:
         model = torch.compile(model)
     if distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # 5. param groups: no weight decay on biases, norms (1-D) and tokens
     groups = param_groups(model_without_ddp, args.weight_decay)
@@ -525,115 +523,73 @@ def main(args):
                 if amp != "none" else nullcontext())
     log(f"{args.model} | {sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.1f} M params | "
         f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {world_size} | lr {args.lr:.3g} | "
-        f"{batches_per_epoch // args.accum_iter} steps/epoch | amp {amp} | {device}")
+        f"{steps_per_epoch} steps/epoch | amp {amp} | {device}")
 
-    # 7. schedule: the lr is set before every optimizer step from the fractional epoch (below)
-    # 8. resume: model, optimizer, scaler, position in the run, RNG states
-    epoch, batch_in_epoch = 0, 0
+    # 7. schedule: warmup + cosine, the lr set before every optimizer step from the fractional epoch (in 9)
+    # 8. resume: weights, optimizer, scaler and the position (epoch, batch in epoch)
+    epoch, batch_in_epoch = resume(args, model_without_ddp, optimizer, scaler, world_size, host_group, log)
     path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    resume = path_last if args.resume == "auto" else args.resume
-    seen = count_ranks(bool(resume) and os.path.isfile(resume), host_group)  # every rank must load the same
-    if 0 < seen < world_size:                                           # e.g. --output_dir on each node's disk
-        sys.exit(f"error: --resume {resume} exists for {seen} of {world_size} processes; put it and --output_dir "
-                 f"on a file system that every node shares")
-    if resume and (args.resume != "auto" or seen):
-        ckpt = load_checkpoint(resume, args.model)
-        try:
-            model_without_ddp.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            sys.exit(f"error: --resume {resume} does not fit {args.model} at --input_size {args.input_size} "
-                     f"({str(e).strip().splitlines()[-1].strip()})")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"] and scaler.is_enabled():                      # empty unless saved by an fp16 run
-            scaler.load_state_dict(ckpt["scaler"])
-        epoch, batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
-        same_layout = (ckpt["world_size"], ckpt["args"]["batch_size"], ckpt["args"]["accum_iter"]) == \
-                      (world_size, args.batch_size, args.accum_iter)
-        if batch_in_epoch and not same_layout:                          # the position means other batches
-            log(f"warning: {resume} was saved mid-epoch by another processes x batch x accum layout; "
-                f"restarting epoch {epoch} from its start")
-            batch_in_epoch = 0
-        if ckpt["world_size"] == world_size:                            # else a new world: fresh seeds
-            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-            if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
-        log(f"resumed from {resume} at epoch {epoch}, batch {batch_in_epoch}")
-    save_state = partial(save_training_state, path_last, model_without_ddp, optimizer, scaler, args)
+    save_state = partial(save_training_state, model=model_without_ddp, optimizer=optimizer, scaler=scaler,
+                         args=args, world_size=world_size)
+    stop = []                                                           # SIGTERM: save at the next step, exit 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
 
-    stop = {"signal": None}                                              # SIGTERM: save at the next step
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-
-    # 9. loop
-    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
+    # 9. loop: one optimizer step per accum_iter micro-batches
     model.train()
-    while epoch < args.epochs:
+    stopping = False
+    while epoch < args.epochs and not stopping:
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip_batches = batch_in_epoch
-        bar = tqdm(total=batches_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}", dynamic_ncols=True,
-                   leave=False, disable=not (is_main and sys.stderr.isatty()))   # a batch log gets the lines only
-        loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.bool)
-        n_logged, t_log = 0, time.time()
+        loss_sum, n_summed, t_log = torch.zeros((), device=device), 0, time.time()
         for imgs, noise in itertools.islice(loader, batches_per_epoch - batch_in_epoch):
             if batch_in_epoch % args.accum_iter == 0:
                 lr = cosine_lr(epoch + batch_in_epoch / batches_per_epoch, args.lr, args.min_lr,
                                args.warmup_epochs, args.epochs)
                 set_lr(optimizer, lr)
             imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
-            last_micro = (batch_in_epoch + 1) % args.accum_iter == 0
+            # what the model draws (drop path) comes from a stream keyed by rank and micro-batch: resume is exact
+            torch.manual_seed(args.seed + rank + world_size * (epoch * batches_per_epoch + batch_in_epoch))
+            batch_in_epoch += 1
+            last_micro = batch_in_epoch % args.accum_iter == 0
             # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs
             with (model.no_sync() if distributed and not last_micro else nullcontext()), autocast:
                 loss, _, _ = model(imgs, args.mask_ratio, noise)
             scaler.scale(loss / args.accum_iter).backward()
-            loss = loss.detach().float()
-            nonfinite |= ~torch.isfinite(loss)                           # checked at log time: no sync per step
-            loss_sum += loss
-            batch_in_epoch += 1
-            bar.update()
+            loss_sum += loss.detach().float()                           # on the device: a NaN stays in the sum
+            n_summed += 1
             if not last_micro:
                 continue
-            if args.clip_grad is not None:
+            if args.clip_grad:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            n_logged += args.accum_iter
             step = batch_in_epoch // args.accum_iter
-            stopping = count_ranks(stop["signal"] is not None, host_group) > 0
+            # per step, the ranks all-reduce one CPU float (has any had a SIGTERM?) on the gloo group: no GPU sync
+            stopping = count_ranks(bool(stop), host_group) > 0
             if step % args.log_every == 0 or batch_in_epoch == batches_per_epoch or stopping:
-                stats = torch.stack([loss_sum / n_logged, nonfinite.float()])
                 if distributed:
-                    dist.all_reduce(stats)
-                mean_loss, bad = stats[0].item() / world_size, stats[1].item() > 0
-                if bad or not math.isfinite(mean_loss):
-                    bar.close()
-                    sys.exit(f"error: loss is {mean_loss} at epoch {epoch} step {step}; stopping without saving. "
-                             f"The last good checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
-                ips = n_logged * args.batch_size * world_size / (time.time() - t_log)
-                record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "img_per_s": round(ips, 1)}
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-                log(f"epoch {epoch} step {step}/{batches_per_epoch // args.accum_iter} | loss {mean_loss:.4f} | "
-                    f"lr {lr:.2e} | {ips:.0f} img/s")
-                if is_main:
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                loss_sum.zero_(), nonfinite.zero_()
-                n_logged, t_log = 0, time.time()
+                    dist.all_reduce(loss_sum)
+                loss = loss_sum.item() / n_summed / world_size           # the only GPU sync: at log steps
+                if not math.isfinite(loss):
+                    sys.exit(f"error: loss is {loss} at epoch {epoch} step {step}; stopping without saving. The last "
+                             f"good checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
+                ips = n_summed * args.batch_size * world_size / (time.time() - t_log)
+                log(f"epoch {epoch} step {step}/{steps_per_epoch} | loss {loss:.4f} | lr {lr:.2e} | {ips:.0f} img/s")
+                record = {"epoch": epoch, "step": step, "loss": loss, "lr": lr, "img_per_s": round(ips, 1)}
+                print(json.dumps(record), file=log_file, flush=True)
+                loss_sum, n_summed, t_log = torch.zeros((), device=device), 0, time.time()
             if stopping:
-                bar.close()
-                save_state(epoch, batch_in_epoch)
-                log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
-                if distributed:
-                    dist.destroy_process_group()
-                return
-        bar.close()
-        epoch, batch_in_epoch = epoch + 1, 0
-        save_state(epoch, 0)
-        if is_main:
-            if epoch % args.save_every == 0 or epoch == args.epochs:     # a kept copy, written atomically
-                copy = os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")
-                shutil.copyfile(path_last, copy + ".tmp")
-                os.replace(copy + ".tmp", copy)
+                break
+        if not stopping:
+            epoch, batch_in_epoch = epoch + 1, 0
+        keep = not stopping and (epoch % args.save_every == 0 or epoch == args.epochs)   # a copy every save_every
+        save_state([path_last] + [os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")] * keep,
+                   epoch=epoch, batch_in_epoch=batch_in_epoch)
+        if stopping:
+            log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
+        elif is_main:
             save_reconstruction(model_without_ddp, demo_imgs, demo_noise, args.mask_ratio,
                                 os.path.join(args.output_dir, f"recon-epoch{epoch:03d}.png"))
             log(f"epoch {epoch}/{args.epochs} done | checkpoint and picture in {args.output_dir}")

@@ -5,31 +5,26 @@
     python finetune.py --model mae_vit_base_patch16 --eval --resume mae_finetuned_vit_base.pth --data /imagenet
     python finetune.py --model mae_vit_tiny --finetune output/mae_vit_tiny/checkpoint-last.pth   # built-in data
 
---model is the pre-training model's name; its prefix names the method file. The classifier
-keeps that file's encoder modules and parameter names, drops the decoder and mask token, and
-adds the head of the method's official fine-tuning model, so that the official fine-tuned
-checkpoints load with strict=True:
+--model is the pre-training model's name (its prefix names the method file). The classifier keeps that file's
+encoder modules and parameter names and adds the head of the method's official fine-tuning model, so that the
+official fine-tuned checkpoints load with strict=True:
 
-    method       official fine-tuning model          features for the head
-    mae          models_vit.py VisionTransformer     mean of patch tokens -> fc_norm (linear probe: cls token after norm)
-    convmae      models_convvit.py ConvViT           mean of stage-3 tokens -> fc_norm
-    fastconvmae  (no official one: ConvMAE's)        as convmae
+    method       official fine-tuning model                    features for the head
+    mae          models_vit.py VisionTransformer               mean of patch tokens -> fc_norm (probe: cls after norm)
+    convmae      models_convvit.py ConvViT (fastconvmae too)   mean of stage-3 tokens -> fc_norm
     simmim       vision_transformer.py / swin_transformer.py   ViT: mean -> fc_norm; Swin: norm -> mean
-    convnextv2   convnextv2.py ConvNeXtV2            global average pool -> norm
+    convnextv2   convnextv2.py ConvNeXtV2                      global average pool -> norm
 
-The defaults are each method's published fine-tuning recipe (RECIPES below): layer-wise lr
-decay with the method's own layer-id rule, drop path, AdamW, warmup + cosine, MixUp/CutMix,
-label smoothing, RandAugment and random erasing (torchvision.transforms.v2). --linprobe is
-MAE's linear-probing protocol: frozen encoder, BatchNorm without affine, linear head, LARS.
-Without --finetune the same classifier trains from scratch, the baseline pre-training is
-measured against.
+The defaults are each method's published fine-tuning recipe (RECIPES): layer-wise lr decay by the method's own
+layer-id rule, drop path, AdamW, warmup + cosine, MixUp/CutMix, label smoothing, RandAugment, random erasing.
+--linprobe is MAE's linear-probing protocol: frozen encoder, BatchNorm without affine, linear head, LARS.
+Without --finetune the same classifier trains from scratch: the baseline that pre-training is measured against.
 """
 import argparse
 import itertools
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -43,7 +38,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 import convmae
 import convnextv2_fcmae
@@ -52,13 +46,12 @@ import mae
 import simmim
 from common import BICUBIC, IMAGENET_MEAN, IMAGENET_STD, ImageFiles, cosine_lr, load_images, pretrain_loader, \
     pretrain_transform, set_lr
-from mae import count_ranks, save_training_state      # the loop's helpers, shared with the method files
+from mae import count_ranks, save_training_state, setup_distributed   # the loop's helpers, as in the method files
 
 METHODS = {"mae": mae, "convmae": convmae, "fastconvmae": fastconvmae, "simmim": simmim, "convnextv2": convnextv2_fcmae}
 MODELS = {name: method for method, module in METHODS.items() for name in module.MODELS}   # model name -> method
 
 # --- fine-tuning recipes: the official defaults per method (and size) ---
-
 # MAE FINETUNE.md / main_finetune.py: the base of every recipe here
 _MAE = dict(epochs=100, warmup_epochs=5, batch_size=32, blr=5e-4, min_lr=1e-6, weight_decay=0.05, layer_decay=0.65,
             drop_path=0.1, mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25, clip_grad=0.0, input_size=None,
@@ -85,48 +78,51 @@ LINPROBE = dict(epochs=90, warmup_epochs=10, batch_size=512, blr=0.1, min_lr=0.0
                 drop_path=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, reprob=0.0, clip_grad=0.0)
 
 
-def trunc_normal_(tensor, std):
-    return nn.init.trunc_normal_(tensor, std=std, a=-2.0, b=2.0)     # timm's: bounds in absolute units
-
-
 # --- classifiers: the official fine-tuning models, made of a pre-training model's encoder ---
-
-
 class Classifier(nn.Module):
-    """What every classifier has: forward = head(features), layer ids for lr decay, weight-decay
-    rules, checkpoint adaptation, and the linear-probe form of its head.
-
-    Subclasses take the encoder modules of a pre-training model (same objects, same names) and
-    define: forward_features(imgs) -> [N, D]; layer_id(name) and num_layers (the top id: the
-    lr of id i is scaled by layer_decay ** (num_layers - i)); no_weight_decay(name, p);
-    new_keys (prefixes a pre-training checkpoint cannot hold); adapt(state).
-    """
+    """What every classifier has: forward = head(features), layer-wise lr decay, weight-decay rules, checkpoint
+    adaptation, the from-scratch init and the linear-probe head. Subclasses take the encoder modules of a
+    pre-training model (same objects, same names) and define forward_features(imgs) -> [N, D], layer_id(name) and
+    num_layers (the top id), and where they differ, no_weight_decay(name, p), new_keys (prefixes a pre-training
+    checkpoint cannot hold), adapt(state) and scratch_init."""
     new_keys = ("head.", "fc_norm.")
     linear_probe = False
-    scratch_convs = False                       # timm's ViT leaves its patch convolutions at PyTorch's init
+    scratch_init = (nn.Linear,)                 # what init_for_scratch re-inits (timm's ViT: not the patch conv)
+    blocks_prefix = "blocks."                   # the transformer blocks, one layer id each
 
     def forward(self, imgs):
-        if not self.linear_probe:
-            return self.head(self.forward_features(imgs))
-        with torch.no_grad():                                           # frozen encoder: no graph to keep
-            features = self.forward_features(imgs)
-        return self.head(features.float())
+        with torch.no_grad() if self.linear_probe else nullcontext():   # a frozen encoder keeps no graph
+            features = self.forward_features(imgs)                      # [N, D]
+        return self.head(features.float())                              # the probe's BatchNorm: fp32 under amp
 
-    def no_weight_decay(self, name, p):
+    def layer_id(self, name):
+        """MAE util/lr_decay.py (ConvMAE's, and SimMIM's get_vit_layer, are the same rule): the embeddings and
+        ConvMAE's convolution stages 0, transformer block i i + 1, the rest (norms, head) num_layers."""
+        if name.startswith(self.blocks_prefix):
+            return int(name.split(".")[1]) + 1
+        if name in ("cls_token", "pos_embed") or name.startswith(("patch_embed", "blocks1", "blocks2")):
+            return 0
+        return self.num_layers
+
+    def no_weight_decay(self, name, p):                                 # SimMIM's ViT rule too (biases are 1-D)
         return p.ndim == 1 or name in ("pos_embed", "cls_token")
 
     def adapt(self, state):
-        """A checkpoint's state_dict (pre-training or fine-tuned, official or ours) in this
-        model's names; what cannot be mapped keeps its name (and is reported as unused)."""
-        return dict(state)
+        """A checkpoint's state_dict (pre-training or fine-tuned, official or ours) in this model's names:
+        without SimMIM's and FCMAE's `encoder.` prefix, a position embedding resized to this grid (bicubic,
+        MAE util/pos_embed.py); what cannot be mapped keeps its name (and is reported as unused)."""
+        state = {k.removeprefix("encoder."): v for k, v in state.items()}
+        if "pos_embed" in state and hasattr(self, "pos_embed"):
+            extra = int(hasattr(self, "cls_token"))                     # ViT's cls row; ConvViT has none
+            grid = math.isqrt(self.pos_embed.shape[1] - extra)
+            state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], grid, extra)
+        return state
 
     def param_groups(self, weight_decay, layer_decay):
         """AdamW groups per (layer id, decay): lr_scale = layer_decay ** (num_layers - id), BEiT's
         layer-wise decay as every method's official fine-tuning code applies it."""
         groups = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
+        for name, p in ((name, p) for name, p in self.named_parameters() if p.requires_grad):
             wd = 0.0 if self.no_weight_decay(name, p) else weight_decay
             layer = self.layer_id(name)
             group = groups.setdefault((layer, wd), {"params": [], "names": [], "weight_decay": wd, "layer_id": layer,
@@ -136,14 +132,14 @@ class Classifier(nn.Module):
         return list(groups.values())
 
     def init_for_scratch(self):
-        """Training from scratch starts from the official fine-tuning model's init, not from the
-        pre-training file's (FCMAE's ends with std-1 weights, which barely train): truncated
-        normal .02 for linear weights, and for convolution weights where that model re-inits
-        them (ConvNeXt; timm's ViT keeps PyTorch's), zero biases, LayerNorm 1 and 0, cls token
-        and position embedding .02. The head keeps its own init."""
+        """From scratch, the official fine-tuning model's init, not the pre-training file's (FCMAE's ends with std-1
+        weights, which barely train): truncated normal .02 for the weights of `scratch_init` modules, zero biases,
+        LayerNorm 1 and 0, cls token and position embedding .02. The head keeps its own init."""
+        if not self.scratch_init:
+            return
         for m in self.modules():
-            if isinstance(m, (nn.Linear, *((nn.Conv2d,) if self.scratch_convs else ()))) and m is not self.head:
-                trunc_normal_(m.weight, std=0.02)
+            if isinstance(m, self.scratch_init) and m is not self.head:
+                nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
@@ -151,17 +147,25 @@ class Classifier(nn.Module):
                 nn.init.zeros_(m.bias)
         for name in ("cls_token", "pos_embed"):
             if hasattr(self, name):
-                trunc_normal_(getattr(self, name), std=0.02)
+                nn.init.trunc_normal_(getattr(self, name), std=0.02)
 
     def make_linear_probe(self):
         """MAE main_linprobe.py: freeze all but the head, head = BatchNorm1d(no affine) -> Linear (std .01)."""
-        for p in self.parameters():
-            p.requires_grad_(False)
-        trunc_normal_(self.head.weight, std=0.01)
+        self.requires_grad_(False)
+        nn.init.trunc_normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
         self.head = nn.Sequential(nn.BatchNorm1d(self.head.in_features, affine=False, eps=1e-6), self.head)
         self.head.requires_grad_(True)
         self.linear_probe = True
+
+
+def linear_head(dim, num_classes, std, scale=1.0):
+    """The official heads' init: truncated normal (nn.init's bounds, +-2 absolute, are timm's), zero bias, x scale."""
+    head = nn.Linear(dim, num_classes)
+    nn.init.trunc_normal_(head.weight, std=std)
+    nn.init.zeros_(head.bias)
+    head.weight.data.mul_(scale)
+    return head
 
 
 def interpolate_pos_embed(pos, grid, extra):
@@ -176,10 +180,9 @@ def interpolate_pos_embed(pos, grid, extra):
 
 
 def interpolate_rel_pos_table(table, side, extra=0):
-    """A relative position bias table [(2w-1)^2 + extra, heads] for a w x w window (or patch
-    grid) resized to a side x side table of offsets (side = 2w' - 1), bicubic with the corner
-    offsets kept at the corners; the `extra` rows (cls offsets) kept. (The official SimMIM uses
-    scipy's interp2d on a geometric grid; scipy is not a dependency here: see README.)"""
+    """A relative position bias table [(2w-1)^2 + extra, heads] for a w x w window (or patch grid) resized to a
+    side x side table of offsets (side = 2w' - 1), bicubic with the corners kept, the `extra` rows (cls offsets)
+    too. (The official SimMIM uses scipy's interp2d on a geometric grid; scipy is not a dependency here.)"""
     s = math.isqrt(table.shape[0] - extra)
     if s == side or s * s != table.shape[0] - extra:
         return table
@@ -204,37 +207,22 @@ class ViT(Classifier):
         else:
             self.norm = pre.norm
             self.new_keys = ("head.",)
-        self.head = nn.Linear(D, num_classes)
-        trunc_normal_(self.head.weight, std=2e-5)                       # main_finetune.py
-        nn.init.zeros_(self.head.bias)
+        self.head = linear_head(D, num_classes, std=2e-5)               # main_finetune.py
         self.num_layers = len(self.blocks) + 1
 
     def forward_features(self, imgs):                                   # [N, 3, H, W] -> [N, D]
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]              # [N, L, D]
+        x = self.patch_embed(imgs).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]   # [N, L, D]
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:
             x = blk(x)
         return self.fc_norm(x[:, 1:].mean(dim=1)) if self.global_pool else self.norm(x)[:, 0]
 
-    def layer_id(self, name):                                           # util/lr_decay.py
-        if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return self.num_layers
-
-    def adapt(self, state):
-        state = dict(state)
-        if "pos_embed" in state:
-            state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], math.isqrt(self.pos_embed.shape[1] - 1), 1)
-        return state
-
 
 class ConvViT(Classifier):
-    """ConvMAE's models_convvit.py (FastConvMAE fine-tunes the same model): the convolution
-    stages and transformer stage on the whole image, no multi-scale fusion, no `norm`; the
-    mean of the stage-3 tokens -> fc_norm -> head."""
+    """ConvMAE's models_convvit.py (FastConvMAE fine-tunes the same model): the convolution stages and transformer
+    stage on the whole image, no multi-scale fusion, no `norm`; the mean of the stage-3 tokens -> fc_norm -> head."""
+    blocks_prefix = "blocks3."
 
     def __init__(self, pre, num_classes):
         super().__init__()
@@ -244,9 +232,7 @@ class ConvViT(Classifier):
         self.pos_embed = nn.Parameter(pre.pos_embed.detach().clone())   # [1, L, D], no cls row
         self.blocks1, self.blocks2, self.blocks3 = pre.blocks1, pre.blocks2, pre.blocks3
         self.fc_norm = nn.LayerNorm(D, eps=1e-6)
-        self.head = nn.Linear(D, num_classes)
-        trunc_normal_(self.head.weight, std=2e-5)                       # main_finetune.py
-        nn.init.zeros_(self.head.bias)
+        self.head = linear_head(D, num_classes, std=2e-5)               # main_finetune.py
         self.num_layers = len(self.blocks3) + 1
 
     def forward_features(self, imgs):
@@ -261,39 +247,25 @@ class ConvViT(Classifier):
             x = blk(x)
         return self.fc_norm(x.mean(dim=1))
 
-    def layer_id(self, name):                                           # ConvMAE util/lr_decay.py
-        if name in ("cls_token", "pos_embed") or name.startswith(("patch_embed", "blocks1", "blocks2")):
-            return 0
-        if name.startswith("blocks3."):
-            return int(name.split(".")[1]) + 1
-        return self.num_layers
-
-    def adapt(self, state):
-        state = dict(state)
-        if "pos_embed" in state:
-            state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], math.isqrt(self.pos_embed.shape[1]), 0)
-        return state
-
 
 class SimMIMViT(Classifier):
     """SimMIM's vision_transformer.py as its fine-tuning config builds it (USE_RPB, mean pooling):
     each block gets its own copy of the pre-trained shared relative position bias; the mean of
     the patch tokens -> fc_norm -> head (init scaled by 0.001); no final `norm`."""
+    scratch_init = ()                           # the method file's init is BEiT's, as the fine-tuning model's
 
     def __init__(self, pre, num_classes):
         super().__init__()
         enc = pre.encoder
         D = enc.num_features
         self.patch_embed, self.cls_token, self.blocks = enc.patch_embed, enc.cls_token, enc.blocks
+        shared = enc.rel_pos_bias
         for blk in self.blocks:                                         # names as the official per-block bias
-            blk.attn.relative_position_bias_table = nn.Parameter(enc.rel_pos_bias.relative_position_bias_table.detach().clone())
-            blk.attn.register_buffer("relative_position_index", enc.rel_pos_bias.relative_position_index.clone())
+            blk.attn.relative_position_bias_table = nn.Parameter(shared.relative_position_bias_table.detach().clone())
+            blk.attn.register_buffer("relative_position_index", shared.relative_position_index.clone())
         self.grid = enc.grid
         self.fc_norm = nn.LayerNorm(D, eps=1e-6)
-        self.head = nn.Linear(D, num_classes)
-        trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-        self.head.weight.data.mul_(0.001)                               # init_scale
+        self.head = linear_head(D, num_classes, std=0.02, scale=0.001)  # init_scale
         self.num_layers = len(self.blocks) + 1
 
     def forward_features(self, imgs):
@@ -304,23 +276,10 @@ class SimMIMViT(Classifier):
             x = blk(x, bias)
         return self.fc_norm(x[:, 1:].mean(dim=1))
 
-    def layer_id(self, name):                                           # SimMIM optimizer.py get_vit_layer
-        if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return self.num_layers                                          # rel_pos_bias, fc_norm, head
-
-    def no_weight_decay(self, name, p):
-        return p.ndim == 1 or name.endswith(".bias") or name in ("pos_embed", "cls_token")
-
-    def init_for_scratch(self):
-        pass                                                            # the pre-training init is BEiT's, as here
-
     def adapt(self, state):
         """utils.py remap_pretrained_keys_vit: drop the `encoder.` prefix, copy the shared bias
         table into every block, resize tables to this grid; index buffers are this model's."""
-        state = {k.removeprefix("encoder."): v for k, v in state.items()}
+        state = super().adapt(state)
         shared = state.pop("rel_pos_bias.relative_position_bias_table", None)
         state.pop("rel_pos_bias.relative_position_index", None)
         ours = self.state_dict()
@@ -338,15 +297,14 @@ class Swin(Classifier):
     """SimMIM's swin_transformer.py SwinTransformer: stages, final `norm`, mean over positions,
     head. Fine-tuned at another size and window than pre-trained (192 px, 6 -> 224 px, 7)."""
     new_keys = ("head.",)
+    scratch_init = ()                           # the method file's init is Swin's, as the fine-tuning model's
 
     def __init__(self, pre, num_classes):
         super().__init__()
         enc = pre.encoder
         self.patch_embed, self.layers, self.norm = enc.patch_embed, enc.layers, enc.norm
         self.depths = [len(layer.blocks) for layer in self.layers]
-        self.head = nn.Linear(enc.num_features, num_classes)
-        trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.head = linear_head(enc.num_features, num_classes, std=0.02)
         self.num_layers = sum(self.depths) + 1
 
     def forward_features(self, imgs):
@@ -369,13 +327,10 @@ class Swin(Classifier):
     def no_weight_decay(self, name, p):
         return p.ndim == 1 or name.endswith(".bias") or "relative_position_bias_table" in name
 
-    def init_for_scratch(self):
-        pass                                                            # the pre-training init is Swin's, as here
-
     def adapt(self, state):
         """utils.py remap_pretrained_keys_swin: tables resized to this window; the index and
         shift-mask buffers are this model's (they follow from the window)."""
-        state = {k.removeprefix("encoder."): v for k, v in state.items()}
+        state = super().adapt(state)
         ours = self.state_dict()
         for k in list(state):
             if k.endswith("relative_position_bias_table") and k in ours:
@@ -390,7 +345,7 @@ class ConvNeXtV2(Classifier):
     """ConvNeXt V2's convnextv2.py: the dense encoder (per-image GRN), global average pooling,
     `norm`, head (init scaled by 0.001, main_finetune.py's head_init_scale)."""
     new_keys = ("head.", "norm.")
-    scratch_convs = True
+    scratch_init = (nn.Linear, nn.Conv2d)
 
     def __init__(self, pre, num_classes, layer_decay_type="single"):
         super().__init__()
@@ -399,10 +354,7 @@ class ConvNeXtV2(Classifier):
         self.depths = [len(stage) for stage in self.stages]
         D = self.downsample_layers[-1][1].out_channels
         self.norm = nn.LayerNorm(D, eps=1e-6)
-        self.head = nn.Linear(D, num_classes)
-        trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
-        self.head.weight.data.mul_(0.001)
+        self.head = linear_head(D, num_classes, std=0.02, scale=0.001)  # head_init_scale
         self.layer_decay_type = layer_decay_type
         self.num_layers = 13 if layer_decay_type == "group" else sum(self.depths) + 1
 
@@ -431,20 +383,15 @@ class ConvNeXtV2(Classifier):
     def adapt(self, state):
         if convnextv2_fcmae.is_sparse_layout(state):                   # the official FCMAE release
             state = convnextv2_fcmae.from_sparse_layout(state)
-        return {k.removeprefix("encoder."): v for k, v in state.items()}
+        return super().adapt(state)
 
 
 def build_classifier(name, num_classes, img_size=None, drop_path=0.0, linprobe=False, window_size=None,
                      layer_decay_type="single"):
-    """The classifier of pre-training model `name` (e.g. "mae_vit_base_patch16"): its encoder,
-    the official fine-tuning head. img_size: default the pre-training size."""
+    """The classifier of pre-training model `name` (e.g. "mae_vit_base_patch16"): its encoder, the official head."""
     method = MODELS[name]
-    kwargs = {"drop_path_rate": drop_path}
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    if window_size is not None:
-        kwargs["window_size"] = window_size
-    pre = METHODS[method].MODELS[name](**kwargs)
+    sizes = {k: v for k, v in (("img_size", img_size), ("window_size", window_size)) if v is not None}
+    pre = METHODS[method].MODELS[name](drop_path_rate=drop_path, **sizes)          # other sizes: the builder's
     if method == "simmim":
         cls = SimMIMViT if isinstance(pre.encoder, simmim.VisionTransformerForSimMIM) else Swin
         return cls(pre, num_classes)
@@ -456,15 +403,6 @@ def build_classifier(name, num_classes, img_size=None, drop_path=0.0, linprobe=F
 
 
 # --- checkpoints: any of ours or the official ones, with the mismatches named ---
-
-
-def state_of(checkpoint):
-    """The state_dict inside a checkpoint file's dict (or the dict itself)."""
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
-        return checkpoint["model"]
-    return checkpoint
-
-
 def describe(state):
     """A short guess at what a state_dict holds, for error messages."""
     state = {k.removeprefix("encoder."): v for k, v in state.items()}
@@ -476,7 +414,7 @@ def describe(state):
         return state[key].shape[axis] if key in state else "?"
 
     if any(k.startswith("blocks3.") for k in state):
-        return f"a ConvMAE/FastConvMAE ConvViT ({count('blocks3.')} transformer blocks, width {width('patch_embed4.weight')})"
+        return f"a ConvMAE/FastConvMAE ConvViT ({count('blocks3.')} ViT blocks, width {width('patch_embed4.weight')})"
     if any(k.startswith("layers.") for k in state):
         depths = [count(f"layers.{i}.blocks.") for i in range(count("layers."))]
         return f"a Swin (width {width('patch_embed.proj.weight')}, depths {depths})"
@@ -500,14 +438,12 @@ def summarize(keys):
 
 
 def load_weights(model, checkpoint, flag, strict=False):
-    """Load `checkpoint` (a dict read from a file) into `model`; returns (missing, unused) key names.
-
-    Pre-trained weights (strict=False): every encoder key must be there with its shape; the
-    classifier's new keys (head, fc_norm...) may be missing; a head of another class count is
-    dropped. strict: every key must fit (evaluation of a fine-tuned checkpoint).
-    Anything else is a one-line error saying what the checkpoint looks like."""
-    ours = model.state_dict()
-    state = model.adapt(state_of(checkpoint))
+    """Load `checkpoint` (a dict read from a file) into `model`; returns (missing, unused) key names. Pre-trained
+    weights (strict=False): every encoder key must be there with its shape; the classifier's new keys (head,
+    fc_norm...) may be missing; a head of another class count is dropped. strict: every key must fit (evaluation
+    of a fine-tuned checkpoint). Anything else is a one-line error saying what the checkpoint looks like."""
+    ours, raw = model.state_dict(), checkpoint.get("model", checkpoint)   # ours, or an official file's dict
+    state = model.adapt(raw)
     dropped = []
     for k in [k for k in state if k.startswith("head.") and k in ours and state[k].shape != ours[k].shape]:
         if strict:
@@ -519,8 +455,8 @@ def load_weights(model, checkpoint, flag, strict=False):
     unused = sorted(set(state) - set(ours)) + dropped
     bad_missing = [k for k in missing if strict or not k.startswith(model.new_keys)]
     if wrong or bad_missing or (strict and unused):
-        found = (checkpoint.get("args") or {}).get("model") if isinstance(checkpoint, dict) else None
-        looks = f"{found}'s weights" if found else describe(state_of(checkpoint))
+        found = (checkpoint.get("args") or {}).get("model")
+        looks = f"{found}'s weights" if found else describe(raw)
         detail = f"other shapes: {summarize(wrong)}" if wrong else f"missing: {summarize(bad_missing or unused)}"
         sys.exit(f"error: {flag} does not fit this classifier ({describe(ours)}): it holds {looks}; {detail}")
     model.load_state_dict(state, strict=False)
@@ -528,26 +464,25 @@ def load_weights(model, checkpoint, flag, strict=False):
 
 
 # --- data: train and eval transforms, MixUp / CutMix, the evaluation loader ---
-
-
 def train_transform(size, reprob, randaug=9):
-    """timm's create_transform as the fine-tuning scripts call it, in torchvision.transforms.v2:
-    random-resized crop (bicubic), flip, RandAugment rand-m9-mstd0.5-inc1 (torchvision's; see
-    README for the differences), normalisation, random erasing (per-pixel normal noise)."""
+    """timm's create_transform as the fine-tuning scripts call it, in torchvision.transforms.v2 (timm is not a
+    dependency): random-resized crop (bicubic), flip, RandAugment, normalisation, random erasing (per-pixel normal
+    noise). torchvision's RandAugment applies both operations every time at magnitude m of 10; timm's
+    rand-m9-mstd0.5-inc1 applies each with probability 0.5 at a magnitude drawn from N(9, 0.5)."""
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),
         v2.RandAugment(num_ops=2, magnitude=randaug, num_magnitude_bins=11, interpolation=BICUBIC,  # of timm's 10
                        fill=[round(255 * m) for m in IMAGENET_MEAN]) if randaug > 0 else v2.Identity(),
-        v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         v2.RandomErasing(p=reprob, value="random") if reprob > 0 else v2.Identity()])
 
 
 def eval_transform(size):
     """Resize to size / 0.875 (bicubic), centre crop: MAE's build_transform for evaluation."""
     return v2.Compose([v2.Resize(int(size / 0.875), interpolation=BICUBIC, antialias=True), v2.CenterCrop(size),
-                       v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                       v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 class Transformed(Dataset):
@@ -581,7 +516,6 @@ def mix_and_smooth(mixup, cutmix, smoothing, num_classes):
 @torch.no_grad()
 def evaluate(model, loader, device, autocast, distributed):
     """Top-1 and top-5 accuracy (%) over the whole evaluation set (each rank holds a disjoint share)."""
-    was_training = model.training
     model.eval()
     counts = torch.zeros(3, device=device, dtype=torch.float64)        # top-1 hits, top-5 hits, images
     for imgs, labels in loader:
@@ -593,13 +527,11 @@ def evaluate(model, loader, device, autocast, distributed):
                                torch.tensor(len(labels), device=device)]).double()
     if distributed:
         dist.all_reduce(counts)
-    model.train(was_training)
+    model.train()
     return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
 
 
 # --- LARS (MAE util/lars.py, for the linear probe) ---
-
-
 class LARS(torch.optim.Optimizer):
     """SGD with momentum whose step, for weights (ndim > 1), includes weight decay and is rescaled
     by trust_coefficient * |w| / |step| (You et al. 2017); 1-D parameters take plain SGD steps."""
@@ -611,33 +543,28 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
+            for p in (p for p in g["params"] if p.grad is not None):
                 d = p.grad
                 if p.ndim > 1:
                     d = d.add(p, alpha=g["weight_decay"])
                     w_norm, d_norm = torch.norm(p), torch.norm(d)
                     trust = torch.where((w_norm > 0) & (d_norm > 0), g["trust_coefficient"] * w_norm / d_norm, 1.0)
                     d = d * trust
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                state["mu"].mul_(g["momentum"]).add_(d)
-                p.add_(state["mu"], alpha=-g["lr"])
+                if not self.state[p]:
+                    self.state[p]["mu"] = torch.zeros_like(p)
+                mu = self.state[p]["mu"].mul_(g["momentum"]).add_(d)
+                p.add_(mu, alpha=-g["lr"])
 
 
 # --- arguments (defaults: the method's fine-tuning recipe, filled in by check_args) ---
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="fine-tuning, linear probing and evaluation",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="mae_vit_base_patch16", help=f"a pre-training model name: {', '.join(MODELS)}")
     p.add_argument("--finetune", default="", help="pre-trained checkpoint (official or ours); none: from scratch")
     p.add_argument("--linprobe", action="store_true", help="linear probe: frozen encoder, BN + linear head, LARS")
-    p.add_argument("--eval", action="store_true", help="only evaluate --resume (e.g. an official fine-tuned checkpoint)")
-    p.add_argument("--data", default=None, help="DIR/train/<class>/* and DIR/val/<class>/*; none: the built-in data set")
+    p.add_argument("--eval", action="store_true", help="only evaluate --resume (e.g. an official fine-tuned file)")
+    p.add_argument("--data", default=None, help="DIR/train/<class>/* and DIR/val/<class>/*; none: the built-in data")
     p.add_argument("--builtin_images", type=int, default=4096, help="training images of the built-in data set")
     p.add_argument("--input_size", type=int, default=None, help="image size; default: the recipe's (pre-training size)")
     recipe = "default: the model's recipe (finetune.py RECIPES)"
@@ -651,7 +578,7 @@ def get_args(argv=None):
     p.add_argument("--weight_decay", type=float, default=None, help=recipe)
     p.add_argument("--layer_decay", type=float, default=None, help=f"layer-wise lr decay; {recipe}")
     p.add_argument("--drop_path", type=float, default=None, help=recipe)
-    p.add_argument("--clip_grad", type=float, default=None, help="max grad norm, 0 = off; default: the recipe's (SimMIM 5)")
+    p.add_argument("--clip_grad", type=float, default=None, help="max grad norm (0: off); default: the recipe's")
     p.add_argument("--layer_decay_type", choices=["single", "group"], default=None,
                    help="ConvNeXt V2 only: one layer id per block, or stage 3 in threes; default: the recipe's")
     p.add_argument("--mixup", type=float, default=None, help=f"MixUp alpha, 0 = off; {recipe}")
@@ -660,7 +587,7 @@ def get_args(argv=None):
     p.add_argument("--reprob", type=float, default=None, help=f"random erasing probability; {recipe}")
     p.add_argument("--randaug", type=int, default=9, help="RandAugment magnitude (of 10; 0 = off): timm's rand-m9")
     p.add_argument("--output_dir", default=None, help="default: output/<model>-finetune (or -linprobe)")
-    p.add_argument("--resume", default="", help="checkpoint path, or 'auto' for output_dir/checkpoint-last.pth if present")
+    p.add_argument("--resume", default="", help="checkpoint, or 'auto': output_dir/checkpoint-last.pth if present")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data workers per process")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
@@ -676,9 +603,7 @@ def check_args(args):
     """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts."""
     if args.model not in MODELS:
         sys.exit(f"error: --model {args.model} is unknown; choose one of: {', '.join(MODELS)}")
-    recipe = dict(RECIPES.get(args.model, _MAE))
-    if args.linprobe:
-        recipe.update(LINPROBE)
+    recipe = {**RECIPES.get(args.model, _MAE), **(LINPROBE if args.linprobe else {})}
     for flag, value in recipe.items():
         if getattr(args, flag, None) is None:
             setattr(args, flag, value)
@@ -694,8 +619,8 @@ def check_args(args):
         sys.exit(f"error: --randaug must be in 0..10, got {args.randaug}")
     if not 0.0 < args.layer_decay <= 1.0:
         sys.exit(f"error: --layer_decay must be in (0, 1], got {args.layer_decay}")
-    if args.eval and not args.resume:
-        sys.exit("error: --eval needs --resume CKPT (a fine-tuned checkpoint, official or ours)")
+    if args.eval and not os.path.isfile(args.resume):
+        sys.exit(f"error: --eval needs --resume CKPT, a fine-tuned checkpoint (official or ours); got '{args.resume}'")
     if args.finetune and not os.path.isfile(args.finetune):
         sys.exit(f"error: --finetune {args.finetune}: no such file")
     kw = METHODS[MODELS[args.model]].MODELS[args.model].keywords
@@ -706,101 +631,109 @@ def check_args(args):
     if args.input_size <= 0 or args.input_size % unit:
         sys.exit(f"error: --input_size {args.input_size} is not a positive multiple of {unit} for {args.model}; "
                  f"try {max(args.input_size // unit, 1) * unit}")
-    args.output_dir = args.output_dir or os.path.join("output", f"{args.model}-{'linprobe' if args.linprobe else 'finetune'}")
+    args.output_dir = args.output_dir or f"output/{args.model}-{'linprobe' if args.linprobe else 'finetune'}"
 
 
 # --- training (main_finetune.py / main_linprobe.py + engine_finetune.py) ---
-
-
-def read_checkpoint(path, flag):
-    if not os.path.isfile(path):
-        sys.exit(f"error: {flag} {path}: no such file")
+def read_checkpoint(path, flag, mmap=False):
+    """The dict in a checkpoint file that exists, or a one-line error. mmap: the tensors are mapped, not read."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         sys.exit(f"error: {flag} {path}: not a readable checkpoint ({type(e).__name__})")
 
 
-def load_checkpoint(path, args):
-    """A training checkpoint this script wrote for the same model and mode."""
-    ckpt = read_checkpoint(path, "--resume")
-    saved = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
-    if saved.get("model") != args.model or "linprobe" not in saved or saved["linprobe"] != args.linprobe:
-        what = saved.get("model", "no model name") + (" pre-training" if "linprobe" not in saved else
-                                                      " linprobe" if saved["linprobe"] else " finetune")
-        sys.exit(f"error: --resume {path} is not a {args.model} {'linprobe' if args.linprobe else 'finetune'} "
-                 f"checkpoint ({what}); pass --finetune for pre-trained weights, or start a new --output_dir")
-    return ckpt
-
-
-def main(args):
-    # 1. setup distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    distributed = world_size > 1
-    if distributed:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    host_group = dist.new_group(backend="gloo") if distributed else None  # ranks agree on CPU: no GPU sync
-    is_main = rank == 0
-    log = tqdm.write if is_main else (lambda *a, **k: None)            # print, above the progress bar
-    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
-    if amp != "none" and device.type == "cpu":
-        log(f"warning: --amp {amp} on CPU is fast only on CPUs with native {amp} matmuls; --amp none is the default")
-
-    # 2. seed: per rank, for what is drawn outside the data pipeline (MixUp/CutMix, drop path)
-    torch.manual_seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-
-    # 3. data: each training sample's augmentation is seeded by (seed, epoch, index)
-    if is_main and not args.eval:
-        try:
-            os.makedirs(args.output_dir, exist_ok=True)
-            open(os.path.join(args.output_dir, ".write-test"), "w").close()
-            os.remove(os.path.join(args.output_dir, ".write-test"))
-        except OSError as e:
-            sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
+def data(args, rank, world_size, log):
+    """The class names, the training loader (None with --eval), MixUp/CutMix (applied on the device, in the loop)
+    and a loader of this rank's share of the validation images (disjoint, none padded: each counted once)."""
     try:
         train_images = load_images(args.data, "train", args.input_size, args.builtin_images)
         val_images = load_images(args.data, "val", args.input_size, max(args.builtin_images // 4, 10))
         classes = train_images.classes
         if isinstance(train_images, ImageFiles) and not classes:
-            raise ValueError(f"--data {args.data}: no class folders; fine-tuning needs DIR/train/<class>/* "
-                             "and DIR/val/<class>/*")
+            raise ValueError(f"--data {args.data}: no class folders; fine-tuning needs DIR/{{train,val}}/<class>/*")
         if getattr(val_images, "classes", classes) != classes:
             raise ValueError(f"--data {args.data}: train and val have different class folders")
-        if args.data is not None and not os.path.isdir(os.path.join(args.data, "val")):
-            log(f"warning: --data {args.data} has no val/ folder; evaluating on the training images")
-        transform = pretrain_transform(args.input_size, scale=(0.08, 1.0)) if args.linprobe else \
-            train_transform(args.input_size, args.reprob, args.randaug)
-        loader = None if args.eval else pretrain_loader(train_images, args.input_size, args.batch_size, 0, args.seed,
-                                                        rank, world_size, args.num_workers, transform)
+        transform = (pretrain_transform(args.input_size, scale=(0.08, 1.0)) if args.linprobe
+                     else train_transform(args.input_size, args.reprob, args.randaug))
+        loader = None if args.eval else pretrain_loader(train_images, args.input_size, args.batch_size, 0,
+                                                        args.seed, rank, world_size, args.num_workers, transform)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    val_loader = DataLoader(Transformed(val_images, eval_transform(args.input_size),
-                                        range(rank, len(val_images), world_size)),     # disjoint shares, none padded
-                            args.batch_size, num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    if loader is not None and len(loader) < args.accum_iter:
+        sys.exit(f"error: --accum_iter {args.accum_iter} exceeds the {len(loader)} batches per epoch; lower it")
+    if args.data is not None and not os.path.isdir(os.path.join(args.data, "val")):
+        log(f"warning: --data {args.data} has no val/ folder; evaluating on the training images")
+    val_share = Transformed(val_images, eval_transform(args.input_size), range(rank, len(val_images), world_size))
+    val_loader = DataLoader(val_share, args.batch_size, num_workers=args.num_workers,
+                            pin_memory=torch.cuda.is_available())
+    return classes, loader, mix_and_smooth(args.mixup, args.cutmix, args.smoothing, len(classes)), val_loader
 
-    # 4. model: the classifier, pre-trained weights, the linear-probe head; compile; DDP
+
+def build_model(args, num_classes, log):
+    """The classifier and its first weights: --finetune's encoder, --eval's fine-tuned checkpoint (strict),
+    or the official fine-tuning init (from scratch); for --linprobe, the probe's head."""
     try:
-        model = build_classifier(args.model, len(classes), args.input_size, args.drop_path, args.linprobe,
+        model = build_classifier(args.model, num_classes, args.input_size, args.drop_path, args.linprobe,
                                  args.window_size, args.layer_decay_type)
     except ValueError as e:
         sys.exit(f"error: --input_size {args.input_size}: {e}")
     if not args.finetune and not args.eval:
         model.init_for_scratch()
     if args.finetune:
-        missing, unused = load_weights(model, read_checkpoint(args.finetune, "--finetune"), f"--finetune {args.finetune}")
+        pretrained = read_checkpoint(args.finetune, "--finetune")
+        missing, unused = load_weights(model, pretrained, f"--finetune {args.finetune}")
         log(f"loaded {args.finetune}\n  not in it (trained from their init): {summarize(missing)}\n"
             f"  in it, not used: {summarize(unused)}")
     if args.linprobe:
         model.make_linear_probe()
     if args.eval:
-        ckpt = read_checkpoint(args.resume, "--resume")
-        load_weights(model, ckpt, f"--resume {args.resume}", strict=True)
-    model = model.to(device)
+        load_weights(model, read_checkpoint(args.resume, "--resume"), f"--resume {args.resume}", strict=True)
+    return model
+
+
+def resume(args, model, optimizer, scaler, world_size, host_group, log):
+    """mae.resume (weights, optimizer, scaler; returns (epoch, batch in epoch)) once the file's args (read alone,
+    mmap) say it is this script's checkpoint in this mode: pre-trained weights belong to --finetune."""
+    path = os.path.join(args.output_dir, "checkpoint-last.pth") if args.resume == "auto" else args.resume
+    if path and os.path.isfile(path):
+        ckpt = read_checkpoint(path, "--resume", mmap=True)
+        saved = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
+        mode = {True: "linprobe", False: "finetune"}.get(saved.get("linprobe"), "pre-training")   # ours save it
+        found = f"{saved.get('model', 'no model name')} {mode}"
+        want = f"{args.model} {'linprobe' if args.linprobe else 'finetune'}"
+        if found != want:
+            sys.exit(f"error: --resume {path} is not a {want} checkpoint ({found}); pass --finetune for pre-trained "
+                     f"weights, or start a new --output_dir")
+    return mae.resume(args, model, optimizer, scaler, world_size, host_group, log)
+
+
+def main(args):
+    # 1. setup distributed; only rank 0 prints
+    rank, world_size, device, host_group = setup_distributed()
+    distributed, is_main = world_size > 1, rank == 0
+    log = partial(print, flush=True) if is_main else (lambda *a: None)
+    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
+    if amp != "none" and device.type == "cpu":
+        log(f"warning: --amp {amp} on CPU is fast only on CPUs with native {amp} matmuls; --amp none is the default")
+
+    # 2. seed: per rank, for what is drawn outside the data pipeline and the loop (the head's init: DDP copies rank 0's)
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+
+    # 3. data: training batches of (imgs [B, 3, H, W], labels [B]). The data set is indexed by (epoch, i) and draws
+    # each sample's crop, flip, RandAugment and erasing from a stream seeded by (seed, epoch, i): the same samples
+    # whatever the number of processes, and `sampler.skip_batches` resumes mid-epoch on exactly the batches to come.
+    try:                                                                # the run's first write: fails early
+        if not args.eval:                                               # --eval writes nothing
+            os.makedirs(args.output_dir, exist_ok=True)
+        log_file = open(os.path.join(args.output_dir, "log.jsonl") if is_main and not args.eval else os.devnull, "a")
+    except OSError as e:
+        sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
+    classes, loader, mix, val_loader = data(args, rank, world_size, log)
+
+    # 4. model: the classifier and its weights; optionally compile; --eval evaluates here and ends; DDP
+    model = build_model(args, len(classes), log).to(device)
     model_without_ddp = model
     if args.compile:
         model = torch.compile(model)
@@ -808,96 +741,62 @@ def main(args):
                 if amp != "none" else nullcontext())
     if args.eval:
         acc1, acc5 = evaluate(model, val_loader, device, autocast, distributed)
-        log(f"{args.resume}: top-1 {acc1:.2f} % | top-5 {acc5:.2f} % on {len(val_images)} images")
+        log(f"{args.resume}: top-1 {acc1:.2f} % | top-5 {acc5:.2f} % on {len(val_loader.dataset.images)} images")
         if distributed:
             dist.destroy_process_group()
         return
     if distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     batches_per_epoch = len(loader) // args.accum_iter * args.accum_iter   # whole optimizer steps only
-    if batches_per_epoch == 0:
-        sys.exit(f"error: --accum_iter {args.accum_iter} exceeds the {len(loader)} batches per epoch; lower it")
+    steps_per_epoch = batches_per_epoch // args.accum_iter
 
-    # 5. optimizer: lr = blr x batch / 256; AdamW over layer-decay groups, or LARS over the probe's head
+    # 5. param groups: layer-wise lr decay and no weight decay on 1-D params and tokens, by the method's own rules
+    groups = model_without_ddp.param_groups(args.weight_decay, args.layer_decay)   # --linprobe: the head only
+
+    # 6. optimizer: lr = blr x eff_batch / 256; AdamW, or LARS for the linear probe (MAE §A.1)
     eff_batch = args.batch_size * args.accum_iter * world_size
     args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-    if args.linprobe:
-        optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    else:
-        groups = model_without_ddp.param_groups(args.weight_decay, args.layer_decay)
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=True)
+    optimizer = LARS(groups) if args.linprobe else torch.optim.AdamW(groups, lr=args.lr, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
-    mix = mix_and_smooth(args.mixup, args.cutmix, args.smoothing, len(classes))
     log(f"{args.model} {'linear probe' if args.linprobe else 'fine-tune'} | {len(classes)} classes | "
         f"{sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad) / 1e6:.2f} M trained params | "
         f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {world_size} | lr {args.lr:.3g} | "
-        f"{batches_per_epoch // args.accum_iter} steps/epoch | amp {amp} | {device}")
+        f"{steps_per_epoch} steps/epoch | amp {amp} | {device}")
 
-    # 6. resume: model, optimizer, scaler, position in the run, RNG states
-    epoch, batch_in_epoch = 0, 0
+    # 7. schedule: warmup + cosine, the lr set before every optimizer step from the fractional epoch (in 9)
+    # 8. resume: weights, optimizer, scaler and the position (epoch, batch in epoch)
+    epoch, batch_in_epoch = resume(args, model_without_ddp, optimizer, scaler, world_size, host_group, log)
     path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    resume = path_last if args.resume == "auto" else args.resume
-    seen = count_ranks(bool(resume) and os.path.isfile(resume), host_group)  # every rank must load the same
-    if 0 < seen < world_size:                                           # e.g. --output_dir on each node's disk
-        sys.exit(f"error: --resume {resume} exists for {seen} of {world_size} processes; put it and --output_dir "
-                 f"on a file system that every node shares")
-    if resume and (args.resume != "auto" or seen):
-        ckpt = load_checkpoint(resume, args)
-        try:
-            model_without_ddp.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            sys.exit(f"error: --resume {resume} does not fit {args.model} at --input_size {args.input_size} "
-                     f"({str(e).strip().splitlines()[-1].strip()})")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"] and scaler.is_enabled():                      # empty unless saved by an fp16 run
-            scaler.load_state_dict(ckpt["scaler"])
-        epoch, batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
-        same_layout = (ckpt["world_size"], ckpt["args"]["batch_size"], ckpt["args"]["accum_iter"]) == \
-                      (world_size, args.batch_size, args.accum_iter)
-        if batch_in_epoch and not same_layout:                          # the position means other batches
-            log(f"warning: {resume} was saved mid-epoch by another processes x batch x accum layout; "
-                f"restarting epoch {epoch} from its start")
-            batch_in_epoch = 0
-        if ckpt["world_size"] == world_size:                            # else a new world: fresh seeds
-            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-            if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
-        log(f"resumed from {resume} at epoch {epoch}, batch {batch_in_epoch}")
-    save_state = partial(save_training_state, path_last, model_without_ddp, optimizer, scaler, args)
+    save_state = partial(save_training_state, model=model_without_ddp, optimizer=optimizer, scaler=scaler,
+                         args=args, world_size=world_size)
+    stop = []                                                           # SIGTERM: save at the next step, exit 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
 
-    stop = {"signal": None}                                              # SIGTERM: save at the next step
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-
-    # 7. loop
-    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
+    # 9. loop: one optimizer step per accum_iter micro-batches; an evaluation after each epoch
     model.train()
-    while epoch < args.epochs:
+    stopping = False
+    while epoch < args.epochs and not stopping:
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip_batches = batch_in_epoch
-        bar = tqdm(total=batches_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}", dynamic_ncols=True,
-                   leave=False, disable=not (is_main and sys.stderr.isatty()))   # a batch log gets the lines only
-        loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.bool)
-        n_logged, t_log, mean_loss = 0, time.time(), float("nan")
+        loss_sum, n_summed, t_log = torch.zeros((), device=device), 0, time.time()
         for imgs, labels in itertools.islice(loader, batches_per_epoch - batch_in_epoch):
             if batch_in_epoch % args.accum_iter == 0:
                 lr = cosine_lr(epoch + batch_in_epoch / batches_per_epoch, args.lr, args.min_lr,
                                args.warmup_epochs, args.epochs)
                 set_lr(optimizer, lr)
             imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            # MixUp/CutMix and drop path draw from a stream keyed by rank and micro-batch: resume is exact
+            torch.manual_seed(args.seed + rank + world_size * (epoch * batches_per_epoch + batch_in_epoch))
+            batch_in_epoch += 1
+            last_micro = batch_in_epoch % args.accum_iter == 0
             if mix is not None:
-                imgs, labels = mix(imgs, labels)
-            last_micro = (batch_in_epoch + 1) % args.accum_iter == 0
+                imgs, labels = mix(imgs, labels)                        # labels -> soft targets [B, K], smoothed
             # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs
             with (model.no_sync() if distributed and not last_micro else nullcontext()), autocast:
-                logits = model(imgs).float()
-            loss = (-(labels * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean() if mix is not None
-                    else F.cross_entropy(logits, labels, label_smoothing=args.smoothing))
+                loss = F.cross_entropy(model(imgs).float(), labels, label_smoothing=0.0 if mix else args.smoothing)
             scaler.scale(loss / args.accum_iter).backward()
-            loss = loss.detach()
-            nonfinite |= ~torch.isfinite(loss)                           # checked at log time: no sync per step
-            loss_sum += loss
-            batch_in_epoch += 1
-            bar.update()
+            loss_sum += loss.detach()                                   # on the device: a NaN stays in the sum
+            n_summed += 1
             if not last_micro:
                 continue
             if args.clip_grad:
@@ -906,50 +805,37 @@ def main(args):
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            n_logged += args.accum_iter
             step = batch_in_epoch // args.accum_iter
-            stopping = count_ranks(stop["signal"] is not None, host_group) > 0
+            # per step, the ranks all-reduce one CPU float (has any had a SIGTERM?) on the gloo group: no GPU sync
+            stopping = count_ranks(bool(stop), host_group) > 0
             if step % args.log_every == 0 or batch_in_epoch == batches_per_epoch or stopping:
-                stats = torch.stack([loss_sum / n_logged, nonfinite.float()])
                 if distributed:
-                    dist.all_reduce(stats)
-                mean_loss, bad = stats[0].item() / world_size, stats[1].item() > 0
-                if bad or not math.isfinite(mean_loss):
-                    bar.close()
-                    sys.exit(f"error: loss is {mean_loss} at epoch {epoch} step {step}; stopping without saving. "
-                             f"The last good checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
-                ips = n_logged * args.batch_size * world_size / (time.time() - t_log)
-                record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "img_per_s": round(ips, 1)}
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-                log(f"epoch {epoch} step {step}/{batches_per_epoch // args.accum_iter} | loss {mean_loss:.4f} | "
-                    f"lr {lr:.2e} | {ips:.0f} img/s")
-                if is_main:
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                loss_sum.zero_(), nonfinite.zero_()
-                n_logged, t_log = 0, time.time()
+                    dist.all_reduce(loss_sum)
+                loss = loss_sum.item() / n_summed / world_size           # the only GPU sync: at log steps
+                if not math.isfinite(loss):
+                    sys.exit(f"error: loss is {loss} at epoch {epoch} step {step}; stopping without saving. The last "
+                             f"good checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
+                ips = n_summed * args.batch_size * world_size / (time.time() - t_log)
+                log(f"epoch {epoch} step {step}/{steps_per_epoch} | loss {loss:.4f} | lr {lr:.2e} | {ips:.0f} img/s")
+                record = {"epoch": epoch, "step": step, "loss": loss, "lr": lr, "img_per_s": round(ips, 1)}
+                print(json.dumps(record), file=log_file, flush=True)
+                loss_sum, n_summed, t_log = torch.zeros((), device=device), 0, time.time()
             if stopping:
-                bar.close()
-                save_state(epoch, batch_in_epoch)
-                log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
-                if distributed:
-                    dist.destroy_process_group()
-                return
-        bar.close()
-        epoch, batch_in_epoch = epoch + 1, 0
-        acc1, acc5 = evaluate(model_without_ddp, val_loader, device, autocast, distributed)
-        save_state(epoch, 0)
-        if is_main:
-            log_file.write(json.dumps({"epoch": epoch, "acc1": acc1, "acc5": acc5}) + "\n")
-            log_file.flush()
-            if epoch % args.save_every == 0 or epoch == args.epochs:     # a kept copy, written atomically
-                copy = os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")
-                shutil.copyfile(path_last, copy + ".tmp")
-                os.replace(copy + ".tmp", copy)
-            log(f"epoch {epoch}/{args.epochs} | loss {mean_loss:.4f} | top-1 {acc1:.2f} % | top-5 {acc5:.2f} % | "
+                break
+        if not stopping:
+            epoch, batch_in_epoch = epoch + 1, 0
+            acc1, acc5 = evaluate(model_without_ddp, val_loader, device, autocast, distributed)
+        keep = not stopping and (epoch % args.save_every == 0 or epoch == args.epochs)   # a copy every save_every
+        save_state([path_last] + [os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")] * keep,
+                   epoch=epoch, batch_in_epoch=batch_in_epoch)
+        if stopping:
+            log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
+        else:
+            print(json.dumps({"epoch": epoch, "acc1": acc1, "acc5": acc5}), file=log_file, flush=True)
+            log(f"epoch {epoch}/{args.epochs} | loss {loss:.4f} | top-1 {acc1:.2f} % | top-5 {acc5:.2f} % | "
                 f"{args.output_dir}")
 
-    # 8. teardown
+    # 10. teardown
     if distributed:
         dist.destroy_process_group()
 

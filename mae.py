@@ -8,6 +8,8 @@ Paper: He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022,
 https://arxiv.org/abs/2111.06377. Official code: https://github.com/facebookresearch/mae.
 This file rebuilds the official pre-training model with plain PyTorch: same state_dict,
 same numbers (tests/test_mae.py checks it against fixtures made by the official code).
+Copy it with common.py and it runs as it does here; inside a package, make the `from common import` line
+relative. The model needs only torch, torchvision's stochastic_depth and common's patchify/unpatchify.
 
     python mae.py --model mae_vit_tiny --epochs 5 --warmup_epochs 1     # CPU demo, built-in data
     torchrun --nproc_per_node=8 mae.py --data /imagenet --accum_iter 8  # paper recipe: 64 x 8 x 8 = 4096
@@ -19,10 +21,10 @@ import itertools
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
+from collections import OrderedDict
 from contextlib import nullcontext
 from functools import partial
 
@@ -31,16 +33,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.ops import stochastic_depth
 from torchvision.utils import save_image
-from tqdm import tqdm
 
 from common import IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_images, patchify, pretrain_loader, set_lr, unpatchify
 
 # Conventions: N batch, L patches, D width, p patch size. mask: 1 = hidden, 0 = visible.
 
+
 # --- transformer blocks (ViT; parameter names as in timm 0.3.2, which the official code uses) ---
-
-
 class Attention(nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -56,46 +57,22 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Block(nn.Module):
-    """Pre-norm transformer block; `drop_path` (stochastic depth) is for fine-tuning only."""
+    """Pre-norm transformer block; `drop_path` (stochastic depth: a whole sample's branch is zeroed, the
+    others rescaled) is for fine-tuning only."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
         self.drop_path = drop_path
 
     def forward(self, x):
-        x = x + self._drop(self.attn(self.norm1(x)))
-        return x + self._drop(self.mlp(self.norm2(x)))
-
-    def _drop(self, x):                       # zero the branch for whole samples, rescale the rest
-        if not self.training or self.drop_path == 0.0:
-            return x
-        keep = 1.0 - self.drop_path
-        return x * x.new_empty(x.shape[0], 1, 1).bernoulli_(keep).div_(keep)
-
-
-class PatchEmbed(nn.Module):
-    def __init__(self, patch_size, in_chans, dim):
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
-
-    def forward(self, imgs):                                            # [N, 3, H, W]
-        return self.proj(imgs).flatten(2).transpose(1, 2)              # [N, L, D]
+        x = x + stochastic_depth(self.attn(self.norm1(x)), self.drop_path, "row", self.training)
+        return x + stochastic_depth(self.mlp(self.norm2(x)), self.drop_path, "row", self.training)
 
 
 def sincos_pos_embed(dim, grid_size):
@@ -117,8 +94,6 @@ def sincos_pos_embed(dim, grid_size):
 
 
 # --- masking (MAE §3: random sampling without replacement, uniform over patches) ---
-
-
 def random_masking(x, mask_ratio, noise=None):
     """Keep the L_keep = int(L * (1 - mask_ratio)) tokens with the smallest noise.
 
@@ -132,13 +107,11 @@ def random_masking(x, mask_ratio, noise=None):
     ids_shuffle = torch.argsort(noise, dim=1)                           # ascending: small = keep
     ids_restore = torch.argsort(ids_shuffle, dim=1)                     # rank of each patch
     kept = torch.gather(x, 1, ids_shuffle[:, :len_keep, None].expand(-1, -1, D))
-    mask = (ids_restore >= len_keep).float()                            # hidden = ranked past L_keep; fp32 under amp too
+    mask = (ids_restore >= len_keep).float()                            # hidden: ranked past L_keep (fp32 under amp)
     return kept, mask, ids_restore
 
 
 # --- the model: encoder on visible patches, light decoder, pixel loss (MAE §3) ---
-
-
 class MaskedAutoencoderViT(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
@@ -151,7 +124,7 @@ class MaskedAutoencoderViT(nn.Module):
         num_patches = self.grid ** 2
 
         # encoder; pos embeds are fixed (requires_grad=False) but stay in the state_dict, as in the official
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.patch_embed = nn.Sequential(OrderedDict(proj=nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]   # stochastic depth rule
@@ -189,7 +162,8 @@ class MaskedAutoencoderViT(nn.Module):
         if imgs.shape[-2:] != (self.grid * self.patch_size,) * 2:
             raise ValueError(f"images are {tuple(imgs.shape[-2:])}, this model was built for "
                              f"{self.grid * self.patch_size} px (pass img_size= to the builder)")
-        return self.patch_embed(imgs) + self.pos_embed[:, 1:]          # position before masking
+        x = self.patch_embed(imgs).flatten(2).transpose(1, 2)          # [N, L, D]
+        return x + self.pos_embed[:, 1:]                                # position before masking
 
     def _with_cls(self, x):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
@@ -280,8 +254,6 @@ def load_pretrained(model, checkpoint):
 
 
 # --- arguments (defaults: the paper's ViT-B recipe, PRETRAIN.md) ---
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="MAE pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="mae_vit_base_patch16", help=f"one of: {', '.join(MODELS)}")
@@ -295,16 +267,17 @@ def get_args(argv=None):
     # optimisation (MAE Table 8: AdamW, blr 1.5e-4, batch 4096, wd 0.05, cosine, 40 warmup epochs)
     p.add_argument("--epochs", type=int, default=800)
     p.add_argument("--warmup_epochs", type=int, default=40)
-    p.add_argument("--batch_size", type=int, default=64, help="per process; effective = batch_size x accum_iter x processes")
+    p.add_argument("--batch_size", type=int, default=64,
+                   help="per process; effective = batch_size x accum_iter x processes")
     p.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr x effective batch / 256")
     p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
     p.add_argument("--min_lr", type=float, default=0.0)
     p.add_argument("--weight_decay", type=float, default=0.05)
-    p.add_argument("--clip_grad", type=float, default=None, help="max grad norm; MAE uses none")
+    p.add_argument("--clip_grad", type=float, default=None, help="max grad norm; 0 or none: off (MAE clips none)")
     # system
     p.add_argument("--output_dir", default=None, help="default: output/<model>")
-    p.add_argument("--resume", default="", help="checkpoint path, or 'auto' for output_dir/checkpoint-last.pth if present")
+    p.add_argument("--resume", default="", help="a checkpoint, or 'auto': output_dir/checkpoint-last.pth if present")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data workers per process")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
@@ -337,44 +310,28 @@ def check_args(args):
 
 
 # --- training (MAE §4 / main_pretrain.py + engine_pretrain.py) ---
-
-
-def save_checkpoint(state, path):
-    """Atomic: a crash mid-write, even of the machine, leaves the previous file or the whole new one."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_training_state(path, model, optimizer, scaler, args, epoch, batch_in_epoch):
-    """Every rank calls this (each rank's RNG streams are gathered); rank 0 writes.
-    Weights that are not finite (an update diverged after its loss was checked) stop the run
-    instead, so the file keeps the last good state."""
-    if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
-        sys.exit(f"error: the weights are not finite (the last step diverged); not saving. "
-                 f"The last good checkpoint is {path}; resume from it with a lower --blr or --amp none")
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    rngs = [rng]
-    if dist.is_initialized():
-        rngs = [None] * dist.get_world_size()
-        dist.all_gather_object(rngs, rng)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                         "world_size": len(rngs), "args": vars(args), "rng": rngs}, path)
-
-
 def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases and norms (1-D) nor on tokens (the official decays
-    the tokens, which are 3-D: README, "differs on purpose")."""
+    """AdamW groups: no weight decay on biases and norms (1-D) nor on the cls and mask tokens. The official
+    decays the tokens too (timm's rule skips 1-D tensors only, and they are 3-D); we keep one rule for all
+    five methods, and it concerns two vectors of D values."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:                                             # fixed pos embeds are not trained
             (no_decay if p.ndim <= 1 or name.endswith("_token") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def setup_distributed():
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain python is rank 0 of 1. Returns rank, world size,
+    device, and a gloo group on which the ranks agree on host-side flags without waiting for the GPU."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if world_size == 1:
+        return rank, world_size, device, None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device, dist.new_group(backend="gloo")
 
 
 def count_ranks(flag, group=None):
@@ -386,18 +343,60 @@ def count_ranks(flag, group=None):
     return int(t.item())
 
 
-def load_checkpoint(path, model_name):
-    if not os.path.isfile(path):
+def save_training_state(paths, model, optimizer, scaler, args, **position):
+    """Rank 0 writes the state to each of `paths`, atomically: a crash mid-write, even of the machine, leaves
+    the old file or the whole new one. Weights that are not finite (an update diverged after its loss was
+    checked) stop every rank instead, so the files keep the last good state."""
+    if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
+        sys.exit(f"error: the weights are not finite (the last step diverged); not saving. "
+                 f"The last good checkpoint is {paths[0]}; resume from it with a lower --blr or --amp none")
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "args": vars(args), **position}
+    for path in paths:
+        with open(path + ".tmp", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+
+
+def resume(args, model, optimizer, scaler, world_size, host_group, log):
+    """--resume FILE, or 'auto': output_dir/checkpoint-last.pth if it exists. Restores the weights, optimizer
+    and scaler; returns where to go on: (epoch, batch in epoch), (0, 0) for a fresh start."""
+    path = os.path.join(args.output_dir, "checkpoint-last.pth") if args.resume == "auto" else args.resume
+    seen = count_ranks(bool(path) and os.path.isfile(path), host_group)   # every rank must load the same
+    if 0 < seen < world_size:                                           # e.g. --output_dir on each node's disk
+        sys.exit(f"error: --resume {path} exists for {seen} of {world_size} processes; put it and --output_dir "
+                 f"on a file system that every node shares")
+    if not path or (args.resume == "auto" and not seen):
+        return 0, 0
+    if not seen:
         sys.exit(f"error: --resume {path}: no such file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         sys.exit(f"error: --resume {path}: not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or ckpt.get("args", {}).get("model") != model_name:
-        found = ckpt.get("args", {}).get("model", "no model name") if isinstance(ckpt, dict) else "not a dict"
-        sys.exit(f"error: --resume {path} is not a {model_name} training checkpoint ({found}); "
+    found = ckpt.get("args", {}).get("model", "no model name") if isinstance(ckpt, dict) else "not a dict"
+    if found != args.model or "model" not in ckpt:
+        sys.exit(f"error: --resume {path} is not a {args.model} training checkpoint ({found}); "
                  f"pass --model to match it or start a new --output_dir")
-    return ckpt
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError) as e:                             # other shapes, or other param groups
+        sys.exit(f"error: --resume {path} does not fit {args.model} at --input_size {args.input_size} "
+                 f"({str(e).strip().splitlines()[-1].strip()})")
+    if ckpt["scaler"] and scaler.is_enabled():                          # empty unless saved by an fp16 run
+        scaler.load_state_dict(ckpt["scaler"])
+    layout = (ckpt["world_size"], ckpt["args"]["batch_size"], ckpt["args"]["accum_iter"])
+    if ckpt["batch_in_epoch"] and layout != (world_size, args.batch_size, args.accum_iter):
+        log(f"warning: {path} was saved mid-epoch by another processes x batch x accum layout; "
+            f"restarting epoch {ckpt['epoch']} from its start")         # the position means other batches
+        ckpt["batch_in_epoch"] = 0
+    log(f"resumed from {path} at epoch {ckpt['epoch']}, batch {ckpt['batch_in_epoch']}")
+    return ckpt["epoch"], ckpt["batch_in_epoch"]
 
 
 @torch.no_grad()
@@ -413,22 +412,15 @@ def save_reconstruction(model, imgs, noise, mask_ratio, path):
     recon = model.pred_to_pixels(imgs, pred.float()).cpu() * std + mean
     columns = [orig, orig * (1 - hidden) + 0.5 * hidden, recon, orig * (1 - hidden) + recon * hidden]
     grid = torch.stack(columns, dim=1).flatten(0, 1)                    # [4N, 3, H, W], row by row
-    save_image(grid.clamp(0, 1), path, nrow=4, padding=1)
+    scale = -(-256 // (4 * grid.shape[-1]))                             # nearest upscaling: rows >= 256 px
+    save_image(F.interpolate(grid.clamp(0, 1), scale_factor=scale, mode="nearest"), path, nrow=4, padding=1)
 
 
 def main(args):
-    # 1. setup distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    distributed = world_size > 1
-    if distributed:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    host_group = dist.new_group(backend="gloo") if distributed else None  # ranks agree on CPU: no GPU sync
-    is_main = rank == 0
-    log = tqdm.write if is_main else (lambda *a, **k: None)            # print, above the progress bar
+    # 1. setup distributed; only rank 0 prints
+    rank, world_size, device, host_group = setup_distributed()
+    distributed, is_main = world_size > 1, rank == 0
+    log = partial(print, flush=True) if is_main else (lambda *a: None)
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     if amp != "none" and device.type == "cpu":
         log(f"warning: --amp {amp} on CPU is fast only on CPUs with native {amp} matmuls; --amp none is the default")
@@ -437,26 +429,27 @@ def main(args):
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
 
-    # 3. data: each sample's crop, flip and masking noise are seeded by (seed, epoch, index)
-    if is_main:
-        try:
-            os.makedirs(args.output_dir, exist_ok=True)
-            open(os.path.join(args.output_dir, ".write-test"), "w").close()
-            os.remove(os.path.join(args.output_dir, ".write-test"))
-        except OSError as e:
-            sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
+    # 3. data: batches of (imgs [B, 3, H, W], noise [B, L]). The data set is indexed by (epoch, i) and draws each
+    # sample's crop, flip and masking noise from a stream seeded by (seed, epoch, i): the same samples whatever
+    # the number of processes, and `sampler.skip_batches` resumes mid-epoch on exactly the batches to come.
+    try:                                                                # the run's first write: fails early
+        os.makedirs(args.output_dir, exist_ok=True)
+        log_file = open(os.path.join(args.output_dir, "log.jsonl") if is_main else os.devnull, "a")
+    except OSError as e:
+        sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
     L = (args.input_size // MODELS[args.model].keywords["patch_size"]) ** 2
     try:
         images = load_images(args.data, "train", args.input_size, args.builtin_images)
         loader = pretrain_loader(images, args.input_size, args.batch_size, L, args.seed, rank, world_size,
                                  args.num_workers)
-        demo = [loader.dataset[(0, i)] for i in range(min(8, len(images)))]   # fixed batch for pictures
+        demo = [loader.dataset[(0, i)] for i in range(0, len(images), max(len(images) // 8, 1))][:8]
     except ValueError as e:
         sys.exit(f"error: {e}")
-    demo_imgs, demo_noise = (torch.stack(t).to(device) for t in zip(*demo))
+    demo_imgs, demo_noise = (torch.stack(t).to(device) for t in zip(*demo))   # 8 images across the data set
     batches_per_epoch = len(loader) // args.accum_iter * args.accum_iter   # whole optimizer steps only
     if batches_per_epoch == 0:
         sys.exit(f"error: --accum_iter {args.accum_iter} exceeds the {len(loader)} batches per epoch; lower it")
+    steps_per_epoch = batches_per_epoch // args.accum_iter
 
     # 4. model: build, optionally compile, then wrap in DDP
     model = MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss).to(device)
@@ -464,7 +457,7 @@ def main(args):
     if args.compile:
         model = torch.compile(model)
     if distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # 5. param groups: no weight decay on biases, norms (1-D) and tokens
     groups = param_groups(model_without_ddp, args.weight_decay)
@@ -478,115 +471,73 @@ def main(args):
                 if amp != "none" else nullcontext())
     log(f"{args.model} | {sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.1f} M params | "
         f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {world_size} | lr {args.lr:.3g} | "
-        f"{batches_per_epoch // args.accum_iter} steps/epoch | amp {amp} | {device}")
+        f"{steps_per_epoch} steps/epoch | amp {amp} | {device}")
 
-    # 7. schedule: the lr is set before every optimizer step from the fractional epoch (below)
-    # 8. resume: model, optimizer, scaler, position in the run, RNG states
-    epoch, batch_in_epoch = 0, 0
+    # 7. schedule: warmup + cosine, the lr set before every optimizer step from the fractional epoch (in 9)
+    # 8. resume: weights, optimizer, scaler and the position (epoch, batch in epoch)
+    epoch, batch_in_epoch = resume(args, model_without_ddp, optimizer, scaler, world_size, host_group, log)
     path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    resume = path_last if args.resume == "auto" else args.resume
-    seen = count_ranks(bool(resume) and os.path.isfile(resume), host_group)  # every rank must load the same
-    if 0 < seen < world_size:                                           # e.g. --output_dir on each node's disk
-        sys.exit(f"error: --resume {resume} exists for {seen} of {world_size} processes; put it and --output_dir "
-                 f"on a file system that every node shares")
-    if resume and (args.resume != "auto" or seen):
-        ckpt = load_checkpoint(resume, args.model)
-        try:
-            model_without_ddp.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            sys.exit(f"error: --resume {resume} does not fit {args.model} at --input_size {args.input_size} "
-                     f"({str(e).strip().splitlines()[-1].strip()})")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"] and scaler.is_enabled():                      # empty unless saved by an fp16 run
-            scaler.load_state_dict(ckpt["scaler"])
-        epoch, batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
-        same_layout = (ckpt["world_size"], ckpt["args"]["batch_size"], ckpt["args"]["accum_iter"]) == \
-                      (world_size, args.batch_size, args.accum_iter)
-        if batch_in_epoch and not same_layout:                          # the position means other batches
-            log(f"warning: {resume} was saved mid-epoch by another processes x batch x accum layout; "
-                f"restarting epoch {epoch} from its start")
-            batch_in_epoch = 0
-        if ckpt["world_size"] == world_size:                            # else a new world: fresh seeds
-            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-            if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
-        log(f"resumed from {resume} at epoch {epoch}, batch {batch_in_epoch}")
-    save_state = partial(save_training_state, path_last, model_without_ddp, optimizer, scaler, args)
+    save_state = partial(save_training_state, model=model_without_ddp, optimizer=optimizer, scaler=scaler,
+                         args=args, world_size=world_size)
+    stop = []                                                           # SIGTERM: save at the next step, exit 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
 
-    stop = {"signal": None}                                              # SIGTERM: save at the next step
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-
-    # 9. loop
-    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
+    # 9. loop: one optimizer step per accum_iter micro-batches
     model.train()
-    while epoch < args.epochs:
+    stopping = False
+    while epoch < args.epochs and not stopping:
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip_batches = batch_in_epoch
-        bar = tqdm(total=batches_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}", dynamic_ncols=True,
-                   leave=False, disable=not (is_main and sys.stderr.isatty()))   # a batch log gets the lines only
-        loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.bool)
-        n_logged, t_log = 0, time.time()
+        loss_sum, n_summed, t_log = torch.zeros((), device=device), 0, time.time()
         for imgs, noise in itertools.islice(loader, batches_per_epoch - batch_in_epoch):
             if batch_in_epoch % args.accum_iter == 0:
                 lr = cosine_lr(epoch + batch_in_epoch / batches_per_epoch, args.lr, args.min_lr,
                                args.warmup_epochs, args.epochs)
                 set_lr(optimizer, lr)
             imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
-            last_micro = (batch_in_epoch + 1) % args.accum_iter == 0
+            # what the model draws (drop path) comes from a stream keyed by rank and micro-batch: resume is exact
+            torch.manual_seed(args.seed + rank + world_size * (epoch * batches_per_epoch + batch_in_epoch))
+            batch_in_epoch += 1
+            last_micro = batch_in_epoch % args.accum_iter == 0
             # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs
             with (model.no_sync() if distributed and not last_micro else nullcontext()), autocast:
                 loss, _, _ = model(imgs, args.mask_ratio, noise)
             scaler.scale(loss / args.accum_iter).backward()
-            loss = loss.detach().float()
-            nonfinite |= ~torch.isfinite(loss)                           # checked at log time: no sync per step
-            loss_sum += loss
-            batch_in_epoch += 1
-            bar.update()
+            loss_sum += loss.detach().float()                           # on the device: a NaN stays in the sum
+            n_summed += 1
             if not last_micro:
                 continue
-            if args.clip_grad is not None:
+            if args.clip_grad:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            n_logged += args.accum_iter
             step = batch_in_epoch // args.accum_iter
-            stopping = count_ranks(stop["signal"] is not None, host_group) > 0
+            # per step, the ranks all-reduce one CPU float (has any had a SIGTERM?) on the gloo group: no GPU sync
+            stopping = count_ranks(bool(stop), host_group) > 0
             if step % args.log_every == 0 or batch_in_epoch == batches_per_epoch or stopping:
-                stats = torch.stack([loss_sum / n_logged, nonfinite.float()])
                 if distributed:
-                    dist.all_reduce(stats)
-                mean_loss, bad = stats[0].item() / world_size, stats[1].item() > 0
-                if bad or not math.isfinite(mean_loss):
-                    bar.close()
-                    sys.exit(f"error: loss is {mean_loss} at epoch {epoch} step {step}; stopping without saving. "
-                             f"The last good checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
-                ips = n_logged * args.batch_size * world_size / (time.time() - t_log)
-                record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "img_per_s": round(ips, 1)}
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-                log(f"epoch {epoch} step {step}/{batches_per_epoch // args.accum_iter} | loss {mean_loss:.4f} | "
-                    f"lr {lr:.2e} | {ips:.0f} img/s")
-                if is_main:
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                loss_sum.zero_(), nonfinite.zero_()
-                n_logged, t_log = 0, time.time()
+                    dist.all_reduce(loss_sum)
+                loss = loss_sum.item() / n_summed / world_size           # the only GPU sync: at log steps
+                if not math.isfinite(loss):
+                    sys.exit(f"error: loss is {loss} at epoch {epoch} step {step}; stopping without saving. The last "
+                             f"good checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
+                ips = n_summed * args.batch_size * world_size / (time.time() - t_log)
+                log(f"epoch {epoch} step {step}/{steps_per_epoch} | loss {loss:.4f} | lr {lr:.2e} | {ips:.0f} img/s")
+                record = {"epoch": epoch, "step": step, "loss": loss, "lr": lr, "img_per_s": round(ips, 1)}
+                print(json.dumps(record), file=log_file, flush=True)
+                loss_sum, n_summed, t_log = torch.zeros((), device=device), 0, time.time()
             if stopping:
-                bar.close()
-                save_state(epoch, batch_in_epoch)
-                log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
-                if distributed:
-                    dist.destroy_process_group()
-                return
-        bar.close()
-        epoch, batch_in_epoch = epoch + 1, 0
-        save_state(epoch, 0)
-        if is_main:
-            if epoch % args.save_every == 0 or epoch == args.epochs:     # a kept copy, written atomically
-                copy = os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")
-                shutil.copyfile(path_last, copy + ".tmp")
-                os.replace(copy + ".tmp", copy)
+                break
+        if not stopping:
+            epoch, batch_in_epoch = epoch + 1, 0
+        keep = not stopping and (epoch % args.save_every == 0 or epoch == args.epochs)   # a copy every save_every
+        save_state([path_last] + [os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")] * keep,
+                   epoch=epoch, batch_in_epoch=batch_in_epoch)
+        if stopping:
+            log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
+        elif is_main:
             save_reconstruction(model_without_ddp, demo_imgs, demo_noise, args.mask_ratio,
                                 os.path.join(args.output_dir, f"recon-epoch{epoch:03d}.png"))
             log(f"epoch {epoch}/{args.epochs} done | checkpoint and picture in {args.output_dir}")

@@ -1,15 +1,19 @@
-"""SimMIM: mask random 32x32 patches, encode the whole image with mask tokens, predict raw pixels.
+"""SimMIM: mask random 32x32 patches, encode the whole image with mask tokens, predict the hidden pixels.
 
 The encoder (a ViT or a Swin Transformer) sees every patch, hidden ones replaced by a learned
 mask token; a one-layer head (a 1x1 convolution and a pixel shuffle) maps its output back to
-full resolution, and the loss is the L1 distance to the normalised pixels of the hidden
-patches. Masks are drawn on a 32-px grid (60 %), coarser than the encoder's patches, so that
-hidden pixels cannot be copied from visible neighbours.
+full resolution. The target is the input image itself, as the data pipeline hands it: each
+channel normalised by the ImageNet mean and std, nothing per patch (MAE's norm_pix_loss has no
+counterpart here); the loss is the mean absolute error over the hidden pixels and the 3 channels.
+Masks are drawn on a 32-px grid (60 %), coarser than the encoder's patches, so that hidden
+pixels cannot be copied from visible neighbours.
 
 Paper: Xie et al., "SimMIM: A Simple Framework for Masked Image Modeling", CVPR 2022,
 https://arxiv.org/abs/2111.09886. Official code: https://github.com/microsoft/SimMIM.
 This file rebuilds the official pre-training models with plain PyTorch: same state_dict,
 same numbers (tests/test_simmim.py checks it against fixtures made by the official code).
+Copy it with common.py and it runs as it does here; inside a package, make the `from common import` line
+relative. The models need only torch and torchvision's stochastic_depth.
 
     python simmim.py --model simmim_vit_tiny --epochs 5 --warmup_epochs 1          # CPU demo
     torchrun --nproc_per_node=8 simmim.py --data /imagenet --accum_iter 2          # ViT-B: 128 x 8 x 2 = 2048
@@ -22,10 +26,10 @@ import itertools
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
+from collections import OrderedDict
 from contextlib import nullcontext
 from functools import partial
 
@@ -34,8 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.ops import stochastic_depth
 from torchvision.utils import save_image
-from tqdm import tqdm
 
 from common import (BILINEAR, IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_images, pretrain_loader, pretrain_transform,
                     set_lr)
@@ -44,32 +48,12 @@ from common import (BILINEAR, IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_image
 # p encoder patch size, s mask patch size. mask: 1 = hidden, 0 = visible. Parameter names follow
 # the official models'.
 
+
 # --- shared pieces ---
-
-
-def drop_path(x, p, training):
-    """Stochastic depth: zero a residual branch for whole samples, rescale the rest."""
-    if not training or p == 0.0:
-        return x
-    keep = 1.0 - p
-    return x * x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-def trunc_normal_(tensor, std=0.02, a=-2.0, b=2.0):
-    """Normal(0, std) truncated to [a, b] by the inverse CDF, as timm's trunc_normal_ that the
-    official code calls: the same draws from the same seed (PyTorch's own is a rejection
-    sampler since 2.x, whose draws differ)."""
+def trunc_normal_inverse_cdf_(tensor, std=0.02, a=-2.0, b=2.0):
+    """Normal(0, std) truncated to [a, b] (absolute bounds) by the inverse CDF, as timm's trunc_normal_ that
+    the official code calls: the same draws from the same seed (PyTorch's nn.init.trunc_normal_ is a
+    rejection sampler since 2.x, whose draws differ)."""
     cdf = lambda x: (1.0 + math.erf(x / std / math.sqrt(2.0))) / 2.0    # noqa: E731
     with torch.no_grad():
         return tensor.uniform_(2 * cdf(a) - 1, 2 * cdf(b) - 1).erfinv_().mul_(std * math.sqrt(2.0)).clamp_(a, b)
@@ -96,14 +80,11 @@ def attention(x, qkv, proj, num_heads, bias):
 
 # --- the ViT encoder (BEiT-style, as SimMIM's ViT-B: layer scale, a relative position bias
 #     shared by all blocks, no absolute position embedding) ---
-
-
 class RelativePositionBias(nn.Module):
     """One learned bias per relative offset and head, plus three for cls->patch, patch->cls, cls->cls."""
 
     def __init__(self, grid, num_heads):
         super().__init__()
-        self.grid = grid
         n = (2 * grid - 1) ** 2
         self.relative_position_bias_table = nn.Parameter(torch.zeros(n + 3, num_heads))   # zeros, as the official
         index = torch.zeros(grid * grid + 1, grid * grid + 1, dtype=torch.long)
@@ -139,14 +120,15 @@ class ViTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = ViTAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
         self.gamma_1 = nn.Parameter(init_values * torch.ones(dim))
         self.gamma_2 = nn.Parameter(init_values * torch.ones(dim))
         self.drop_path = drop_path
 
     def forward(self, x, bias):
-        x = x + drop_path(self.gamma_1 * self.attn(self.norm1(x), bias), self.drop_path, self.training)
-        return x + drop_path(self.gamma_2 * self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = x + stochastic_depth(self.gamma_1 * self.attn(self.norm1(x), bias), self.drop_path, "row", self.training)
+        return x + stochastic_depth(self.gamma_2 * self.mlp(self.norm2(x)), self.drop_path, "row", self.training)
 
 
 class PatchEmbed(nn.Module):
@@ -181,10 +163,10 @@ class VisionTransformerForSimMIM(nn.Module):
         """Official init (BEiT): normal(0, .02) truncated at one standard deviation, ±.02 (the
         official SimMIM subclass overrides the truncation used by every init call, not only the
         mask token's); each block's output projections scaled by 1/sqrt(2 i), block i from 1."""
-        trunc_normal_(self.cls_token, std=0.02, a=-0.02, b=0.02)
+        trunc_normal_inverse_cdf_(self.cls_token, std=0.02, a=-0.02, b=0.02)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
-                trunc_normal_(m.weight, std=0.02, a=-0.02, b=0.02)
+                trunc_normal_inverse_cdf_(m.weight, std=0.02, a=-0.02, b=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
@@ -193,7 +175,7 @@ class VisionTransformerForSimMIM(nn.Module):
         for i, blk in enumerate(self.blocks, start=1):
             blk.attn.proj.weight.data.div_(math.sqrt(2.0 * i))
             blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
-        trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
+        trunc_normal_inverse_cdf_(self.mask_token, std=0.02, a=-0.02, b=0.02)
 
     def forward(self, imgs, mask=None):
         """imgs [N, 3, H, W], mask [N, H/p, W/p] (1 = hidden) or None -> [N, D, H/p, W/p]."""
@@ -214,8 +196,6 @@ class VisionTransformerForSimMIM(nn.Module):
 
 
 # --- the Swin encoder (Liu et al. 2021): attention inside windows, shifted every other block ---
-
-
 def window_partition(x, w):
     """[B, H, W, C] -> [B * H/w * W/w, w*w, C], windows in row-major order per image."""
     B, H, W, C = x.shape
@@ -253,7 +233,7 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(window, window))
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
-        trunc_normal_(self.relative_position_bias_table, std=0.02)   # here, as the official order
+        trunc_normal_inverse_cdf_(self.relative_position_bias_table, std=0.02)   # here, as the official order
 
     def forward(self, x, mask=None):                                    # x [B*nW, w*w, C]; mask [nW, w*w, w*w]
         bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # [heads, T, T]
@@ -275,7 +255,8 @@ class SwinBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, window, num_heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
         self.drop_path = drop_path
         self.register_buffer("attn_mask", shifted_window_mask(resolution, resolution, window, shift) if shift else None)
 
@@ -288,8 +269,8 @@ class SwinBlock(nn.Module):
         h = window_reverse(self.attn(window_partition(h, self.window), self.attn_mask), self.window, H, W)
         if self.shift:
             h = torch.roll(h, (self.shift, self.shift), dims=(1, 2))
-        x = x + drop_path(h.reshape(N, L, C), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = x + stochastic_depth(h.reshape(N, L, C), self.drop_path, "row", self.training)
+        return x + stochastic_depth(self.mlp(self.norm2(x)), self.drop_path, "row", self.training)
 
 
 class PatchMerging(nn.Module):
@@ -345,13 +326,13 @@ class SwinTransformerForSimMIM(nn.Module):
         """Official init: truncated normal .02 for linears (the patch convolution keeps PyTorch's)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
+                trunc_normal_inverse_cdf_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        trunc_normal_(self.mask_token, std=0.02)
+        trunc_normal_inverse_cdf_(self.mask_token, std=0.02)
 
     def forward(self, imgs, mask=None):
         """imgs [N, 3, H, W], mask [N, H/p, W/p] (1 = hidden) or None -> [N, C, H/stride, W/stride]."""
@@ -372,7 +353,7 @@ class SwinTransformerForSimMIM(nn.Module):
 def check_swin_size(img_size, patch_size, window, stages):
     """Every stage must tile into whole windows (or fit in one) and halve evenly."""
     for i in range(stages):
-        r, ok = img_size / patch_size / 2 ** i, True
+        r = img_size / patch_size / 2 ** i
         ok = r == int(r) and (r <= window or r % window == 0) and (i == stages - 1 or r % 2 == 0)
         if not ok:
             step = patch_size * window * 2 ** (stages - 1)
@@ -381,8 +362,6 @@ def check_swin_size(img_size, patch_size, window, stages):
 
 
 # --- masking (SimMIM §3.2 and data_simmim.py: random 32x32 patches, 60 %) ---
-
-
 def random_mask(noise, mask_ratio):
     """Hide mask_count = ceil(L * mask_ratio) of the L mask units: those with the largest noise,
     so that, as in every file here, the units kept are the ones with the smallest noise.
@@ -394,14 +373,15 @@ def random_mask(noise, mask_ratio):
     return (ranks >= len_keep).float()
 
 
+def upsample_mask(mask, r):
+    """mask [N, h, w] -> [N, h*r, w*r]: each unit repeated over the r x r cells (patches or pixels) it covers."""
+    return mask.repeat_interleave(r, 1).repeat_interleave(r, 2)
+
+
 # --- the model: encoder with mask tokens, one-layer prediction head, L1 on hidden pixels (§3) ---
-
-
 class SimMIM(nn.Module):
-    def __init__(self, encoder="vit", mask_patch_size=32, norm_pix_loss=False, **encoder_kwargs):
+    def __init__(self, encoder="vit", mask_patch_size=32, **encoder_kwargs):
         super().__init__()
-        if norm_pix_loss:                                               # taken so that every builder takes it
-            raise ValueError("SimMIM regresses raw pixels (§3.4): norm_pix_loss=True is not an option")
         build = {"vit": VisionTransformerForSimMIM, "swin": SwinTransformerForSimMIM}[encoder]
         self.encoder = build(**encoder_kwargs)
         p, img_size = self.encoder.patch_size, self.encoder.grid * self.encoder.patch_size
@@ -429,14 +409,14 @@ class SimMIM(nn.Module):
                              f"{self.mask_patch_size}-px mask unit, 1 = hidden")
         mask = mask.float()
         r = self.mask_patch_size // self.patch_size                     # encoder patches per mask unit side
-        pred = self.decoder(self.encoder(imgs, mask.repeat_interleave(r, 1).repeat_interleave(r, 2)))
+        pred = self.decoder(self.encoder(imgs, upsample_mask(mask, r)))  # [N, 3, H, W]
         return self.forward_loss(imgs, pred, mask), pred, mask.flatten(1)
 
     def forward_loss(self, imgs, pred, mask):
-        """L1 over hidden pixels, per channel (§3.4): sum |x - pred| over hidden pixels / (hidden
-        pixels + 1e-5) / 3, as the official normalises it. mask [N, H/s, W/s]."""
-        s = self.mask_patch_size
-        hidden = mask.repeat_interleave(s, 1).repeat_interleave(s, 2)[:, None]   # [N, 1, H, W]
+        """L1 on hidden pixels (§3.4): pred [N, 3, H, W] against imgs, the input as the data pipeline normalised
+        it (per channel, ImageNet mean and std; no per-patch normalisation). Sum of |imgs - pred| over the
+        hidden pixels and channels / (hidden pixels + 1e-5) / 3, as the official. mask [N, H/s, W/s]."""
+        hidden = upsample_mask(mask, self.mask_patch_size)[:, None]     # [N, 1, H, W]
         return ((imgs - pred).abs() * hidden).sum() / (hidden.sum() + 1e-5) / imgs.shape[1]
 
     def forward_features(self, imgs):
@@ -448,7 +428,6 @@ class SimMIM(nn.Module):
 
 
 # --- model builders (configs/*: ViT-B 224 px; Swin-B 192 px, window 6; mask patches 32 px) ---
-
 MODELS = {
     "simmim_vit_base_patch16": partial(SimMIM, encoder="vit", img_size=224, patch_size=16, embed_dim=768, depth=12,
                                        num_heads=12, drop_path_rate=0.1),
@@ -483,21 +462,22 @@ def load_pretrained(model, checkpoint):
 
 
 # --- arguments (defaults: the 800-epoch configs: ViT-B at 224 px, Swin-B at 192 px) ---
-
-
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="SimMIM pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="SimMIM pre-training",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="simmim_vit_base_patch16", help=f"one of: {', '.join(MODELS)}")
     p.add_argument("--data", default=None, help="image folder (DIR/train/<class>/*, DIR/<class>/* or flat); "
                                                 "none: the built-in data set")
     p.add_argument("--builtin_images", type=int, default=4096, help="size of the built-in data set (no --data)")
-    p.add_argument("--input_size", type=int, default=None, help="image size; default: the model's (ViT 224, Swin 192, tiny 32)")
+    p.add_argument("--input_size", type=int, default=None,
+                   help="image size; default: the model's (ViT 224, Swin 192, tiny 32)")
     p.add_argument("--mask_ratio", type=float, default=0.6, help="fraction of 32x32 units hidden (paper: 60 %%)")
     # optimisation (configs: AdamW (0.9, 0.999), blr 1e-4, batch 2048, wd 0.05, 10 warmup epochs from
     # warmup_lr, x0.1 at epoch 700 of 800, grad clip 5; the 100-epoch Swin config: blr 2e-4, cosine)
     p.add_argument("--epochs", type=int, default=800)
     p.add_argument("--warmup_epochs", type=int, default=10)
-    p.add_argument("--batch_size", type=int, default=128, help="per process; effective = batch_size x accum_iter x processes")
+    p.add_argument("--batch_size", type=int, default=128,
+                   help="per process; effective = batch_size x accum_iter x processes")
     p.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--blr", type=float, default=1e-4, help="base lr: lr = blr x effective batch / 512 (SimMIM's rule)")
     p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
@@ -507,17 +487,22 @@ def get_args(argv=None):
                    help="after warmup: x0.1 at each --milestones epoch, or cosine to --min_lr")
     p.add_argument("--milestones", type=int, nargs="*", default=[700], help="multistep: epochs where lr drops x0.1")
     p.add_argument("--weight_decay", type=float, default=0.05)
-    p.add_argument("--clip_grad", type=float, default=5.0, help="max grad norm (the configs: 5)")
+    p.add_argument("--clip_grad", type=float, default=5.0, help="max grad norm (the configs: 5); 0: off")
     # system
     p.add_argument("--output_dir", default=None, help="default: output/<model>")
-    p.add_argument("--resume", default="", help="checkpoint path, or 'auto' for output_dir/checkpoint-last.pth if present")
+    p.add_argument("--resume", default="", help="a checkpoint, or 'auto': output_dir/checkpoint-last.pth if present")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data workers per process")
     p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--save_every", type=int, default=20, help="keep a copy of the checkpoint every N epochs")
     p.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
-    args = p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    if any("norm_pix_loss" in a for a in unknown):                     # a flag of the other four files
+        sys.exit("error: --norm_pix_loss: SimMIM's target is the normalised image itself, nothing per patch "
+                 "(§3.4); drop the flag")
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
     check_args(args)
     return args
 
@@ -548,67 +533,16 @@ def check_args(args):
 
 
 # --- training (main_simmim.py) ---
-
-
-def save_checkpoint(state, path):
-    """Atomic: a crash mid-write, even of the machine, leaves the previous file or the whole new one."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_training_state(path, model, optimizer, scaler, args, epoch, batch_in_epoch):
-    """Every rank calls this (each rank's RNG streams are gathered); rank 0 writes.
-    Weights that are not finite (an update diverged after its loss was checked) stop the run
-    instead, so the file keeps the last good state."""
-    if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
-        sys.exit(f"error: the weights are not finite (the last step diverged); not saving. "
-                 f"The last good checkpoint is {path}; resume from it with a lower --blr or --amp none")
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    rngs = [rng]
-    if dist.is_initialized():
-        rngs = [None] * dist.get_world_size()
-        dist.all_gather_object(rngs, rng)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-                         "world_size": len(rngs), "args": vars(args), "rng": rngs}, path)
-
-
 def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases and norms (1-D) nor on tokens. The official decays
-    the ViT's mask token (README), and also Swin's relative position bias tables, as here: its
-    skip keyword for them gets an `encoder.` prefix that no parameter name contains."""
+    """AdamW groups: no weight decay on biases and norms (1-D) nor on the mask and cls tokens. The official
+    (optimizer.py) skips the same, but for the ViT's mask token (3-D, not in its skip list): every file here
+    skips tokens, one rule for all reads simpler than one per method, and it concerns one vector of D values.
+    Swin's relative position bias tables are decayed, as the official does in effect: its skip keyword for
+    them gets an `encoder.` prefix that no parameter name contains."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or name.endswith("_token") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def count_ranks(flag, group=None):
-    """On every rank, how many ranks have `flag` true: ranks must take the same branch around collectives."""
-    if not dist.is_initialized():
-        return int(flag)
-    t = torch.tensor([float(flag)])
-    dist.all_reduce(t, group=group)
-    return int(t.item())
-
-
-def load_checkpoint(path, model_name):
-    if not os.path.isfile(path):
-        sys.exit(f"error: --resume {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        sys.exit(f"error: --resume {path}: not a readable checkpoint ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or ckpt.get("args", {}).get("model") != model_name:
-        found = ckpt.get("args", {}).get("model", "no model name") if isinstance(ckpt, dict) else "not a dict"
-        sys.exit(f"error: --resume {path} is not a {model_name} training checkpoint ({found}); "
-                 f"pass --model to match it or start a new --output_dir")
-    return ckpt
 
 
 def lr_at(epoch, args):
@@ -623,64 +557,135 @@ def lr_at(epoch, args):
     return args.lr * 0.1 ** sum(epoch >= m for m in args.milestones)
 
 
+def setup_distributed():
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain python is rank 0 of 1. Returns rank, world size,
+    device, and a gloo group on which the ranks agree on host-side flags without waiting for the GPU."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if world_size == 1:
+        return rank, world_size, device, None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world_size, device, dist.new_group(backend="gloo")
+
+
+def count_ranks(flag, group=None):
+    """On every rank, how many ranks have `flag` true: ranks must take the same branch around collectives."""
+    if not dist.is_initialized():
+        return int(flag)
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, group=group)
+    return int(t.item())
+
+
+def save_training_state(paths, model, optimizer, scaler, args, **position):
+    """Rank 0 writes the state to each of `paths`, atomically: a crash mid-write, even of the machine, leaves
+    the old file or the whole new one. Weights that are not finite (an update diverged after its loss was
+    checked) stop every rank instead, so the files keep the last good state."""
+    if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
+        sys.exit(f"error: the weights are not finite (the last step diverged); not saving. "
+                 f"The last good checkpoint is {paths[0]}; resume from it with a lower --blr or --amp none")
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "args": vars(args), **position}
+    for path in paths:
+        with open(path + ".tmp", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+
+
+def resume(args, model, optimizer, scaler, world_size, host_group, log):
+    """--resume FILE, or 'auto': output_dir/checkpoint-last.pth if it exists. Restores the weights, optimizer
+    and scaler; returns where to go on: (epoch, batch in epoch), (0, 0) for a fresh start."""
+    path = os.path.join(args.output_dir, "checkpoint-last.pth") if args.resume == "auto" else args.resume
+    seen = count_ranks(bool(path) and os.path.isfile(path), host_group)   # every rank must load the same
+    if 0 < seen < world_size:                                           # e.g. --output_dir on each node's disk
+        sys.exit(f"error: --resume {path} exists for {seen} of {world_size} processes; put it and --output_dir "
+                 f"on a file system that every node shares")
+    if not path or (args.resume == "auto" and not seen):
+        return 0, 0
+    if not seen:
+        sys.exit(f"error: --resume {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        sys.exit(f"error: --resume {path}: not a readable checkpoint ({type(e).__name__})")
+    found = ckpt.get("args", {}).get("model", "no model name") if isinstance(ckpt, dict) else "not a dict"
+    if found != args.model or "model" not in ckpt:
+        sys.exit(f"error: --resume {path} is not a {args.model} training checkpoint ({found}); "
+                 f"pass --model to match it or start a new --output_dir")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        sys.exit(f"error: --resume {path} does not fit {args.model} at --input_size {args.input_size} "
+                 f"({str(e).strip().splitlines()[-1].strip()})")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"] and scaler.is_enabled():                          # empty unless saved by an fp16 run
+        scaler.load_state_dict(ckpt["scaler"])
+    layout = (ckpt["world_size"], ckpt["args"]["batch_size"], ckpt["args"]["accum_iter"])
+    if ckpt["batch_in_epoch"] and layout != (world_size, args.batch_size, args.accum_iter):
+        log(f"warning: {path} was saved mid-epoch by another processes x batch x accum layout; "
+            f"restarting epoch {ckpt['epoch']} from its start")         # the position means other batches
+        ckpt["batch_in_epoch"] = 0
+    log(f"resumed from {path} at epoch {ckpt['epoch']}, batch {ckpt['batch_in_epoch']}")
+    return ckpt["epoch"], ckpt["batch_in_epoch"]
+
+
 @torch.no_grad()
 def save_reconstruction(model, imgs, noise, mask_ratio, path):
     """One row per image: original | masked | reconstruction | reconstruction with visible patches pasted."""
     model.eval()
     _, pred, mask = model(imgs, mask_ratio, noise)
     model.train()
-    s, g = model.mask_patch_size, model.grid
-    hidden = mask.view(-1, g, g).repeat_interleave(s, 1).repeat_interleave(s, 2)[:, None].cpu()  # [N, 1, H, W]
+    hidden = upsample_mask(mask.view(-1, model.grid, model.grid), model.mask_patch_size)[:, None].cpu()  # 1 = hidden
     std, mean = torch.tensor(IMAGENET_STD).view(3, 1, 1), torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     orig = imgs.cpu() * std + mean                                     # back to [0, 1] pixels
-    recon = pred.float().cpu() * std + mean                            # raw pixels: nothing to undo
+    recon = pred.float().cpu() * std + mean                            # the image itself: nothing per patch to undo
     columns = [orig, orig * (1 - hidden) + 0.5 * hidden, recon, orig * (1 - hidden) + recon * hidden]
     grid = torch.stack(columns, dim=1).flatten(0, 1)                    # [4N, 3, H, W], row by row
-    save_image(grid.clamp(0, 1), path, nrow=4, padding=1)
+    scale = -(-256 // (4 * grid.shape[-1]))                             # nearest upscaling: rows >= 256 px
+    save_image(F.interpolate(grid.clamp(0, 1), scale_factor=scale, mode="nearest"), path, nrow=4, padding=1)
 
 
 def main(args):
-    # 1. setup distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain python is rank 0 of 1
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    distributed = world_size > 1
-    if distributed:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    host_group = dist.new_group(backend="gloo") if distributed else None  # ranks agree on CPU: no GPU sync
-    is_main = rank == 0
-    log = tqdm.write if is_main else (lambda *a, **k: None)            # print, above the progress bar
+    # 1. setup distributed; only rank 0 prints
+    rank, world_size, device, host_group = setup_distributed()
+    distributed, is_main = world_size > 1, rank == 0
+    log = partial(print, flush=True) if is_main else (lambda *a: None)
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     if amp != "none" and device.type == "cpu":
         log(f"warning: --amp {amp} on CPU is fast only on CPUs with native {amp} matmuls; --amp none is the default")
 
-    # 2. seed: per rank, for what is drawn outside the data pipeline (model init: DDP copies rank 0's; drop path)
+    # 2. seed: per rank, for what is drawn outside the data pipeline (model init: DDP copies rank 0's)
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
 
-    # 3. data: each sample's crop, flip and masking noise are seeded by (seed, epoch, index)
-    if is_main:
-        try:
-            os.makedirs(args.output_dir, exist_ok=True)
-            open(os.path.join(args.output_dir, ".write-test"), "w").close()
-            os.remove(os.path.join(args.output_dir, ".write-test"))
-        except OSError as e:
-            sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
-    L = (args.input_size // MODELS[args.model].keywords.get("mask_patch_size", 32)) ** 2   # mask units
+    # 3. data: batches of (imgs [B, 3, H, W], noise [B, L]), L mask units. The data set is indexed by (epoch, i) and
+    # draws each sample's crop, flip and masking noise from a stream seeded by (seed, epoch, i): the same samples
+    # whatever the number of processes, and `sampler.skip_batches` resumes mid-epoch on exactly the batches to come.
+    try:                                                                # the run's first write: fails early
+        os.makedirs(args.output_dir, exist_ok=True)
+        log_file = open(os.path.join(args.output_dir, "log.jsonl") if is_main else os.devnull, "a")
+    except OSError as e:
+        sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
+    L = (args.input_size // MODELS[args.model].keywords.get("mask_patch_size", 32)) ** 2
     transform = pretrain_transform(args.input_size, scale=(0.67, 1.0), interpolation=BILINEAR)   # data_simmim.py
     try:
         images = load_images(args.data, "train", args.input_size, args.builtin_images)
         loader = pretrain_loader(images, args.input_size, args.batch_size, L, args.seed, rank, world_size,
                                  args.num_workers, transform)
-        demo = [loader.dataset[(0, i)] for i in range(min(8, len(images)))]   # fixed batch for pictures
+        demo = [loader.dataset[(0, i)] for i in range(0, len(images), max(len(images) // 8, 1))][:8]
     except ValueError as e:
         sys.exit(f"error: {e}")
-    demo_imgs, demo_noise = (torch.stack(t).to(device) for t in zip(*demo))
+    demo_imgs, demo_noise = (torch.stack(t).to(device) for t in zip(*demo))   # 8 images across the data set
     batches_per_epoch = len(loader) // args.accum_iter * args.accum_iter   # whole optimizer steps only
     if batches_per_epoch == 0:
         sys.exit(f"error: --accum_iter {args.accum_iter} exceeds the {len(loader)} batches per epoch; lower it")
+    steps_per_epoch = batches_per_epoch // args.accum_iter
 
     # 4. model: build, optionally compile, then wrap in DDP
     model = MODELS[args.model](img_size=args.input_size).to(device)
@@ -688,13 +693,12 @@ def main(args):
     if args.compile:
         model = torch.compile(model)
     if distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # 5. param groups: no weight decay on biases, norms (1-D) and tokens
     groups = param_groups(model_without_ddp, args.weight_decay)
 
-    # 6. optimizer: SimMIM's linear scaling rule, lr = blr x batch / 512 (warmup and min lr alike),
-    #    AdamW betas (0.9, 0.999)
+    # 6. optimizer: SimMIM's linear scaling rule, lr = blr x batch / 512 (warmup and min lr alike), betas (0.9, 0.999)
     eff_batch = args.batch_size * args.accum_iter * world_size
     args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 512
     args.warmup_lr, args.min_lr = args.warmup_lr * eff_batch / 512, args.min_lr * eff_batch / 512
@@ -704,114 +708,72 @@ def main(args):
                 if amp != "none" else nullcontext())
     log(f"{args.model} | {sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.1f} M params | "
         f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {world_size} | lr {args.lr:.3g} | "
-        f"{batches_per_epoch // args.accum_iter} steps/epoch | amp {amp} | {device}")
+        f"{steps_per_epoch} steps/epoch | amp {amp} | {device}")
 
-    # 7. schedule: warmup, then step (or cosine) decay, set before every optimizer step (below)
-    # 8. resume: model, optimizer, scaler, position in the run, RNG states
-    epoch, batch_in_epoch = 0, 0
+    # 7. schedule: warmup, then step decay (or cosine), the lr set before every optimizer step (in 9)
+    # 8. resume: weights, optimizer, scaler and the position (epoch, batch in epoch)
+    epoch, batch_in_epoch = resume(args, model_without_ddp, optimizer, scaler, world_size, host_group, log)
     path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    resume = path_last if args.resume == "auto" else args.resume
-    seen = count_ranks(bool(resume) and os.path.isfile(resume), host_group)  # every rank must load the same
-    if 0 < seen < world_size:                                           # e.g. --output_dir on each node's disk
-        sys.exit(f"error: --resume {resume} exists for {seen} of {world_size} processes; put it and --output_dir "
-                 f"on a file system that every node shares")
-    if resume and (args.resume != "auto" or seen):
-        ckpt = load_checkpoint(resume, args.model)
-        try:
-            model_without_ddp.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            sys.exit(f"error: --resume {resume} does not fit {args.model} at --input_size {args.input_size} "
-                     f"({str(e).strip().splitlines()[-1].strip()})")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"] and scaler.is_enabled():                      # empty unless saved by an fp16 run
-            scaler.load_state_dict(ckpt["scaler"])
-        epoch, batch_in_epoch = ckpt["epoch"], ckpt["batch_in_epoch"]
-        same_layout = (ckpt["world_size"], ckpt["args"]["batch_size"], ckpt["args"]["accum_iter"]) == \
-                      (world_size, args.batch_size, args.accum_iter)
-        if batch_in_epoch and not same_layout:                          # the position means other batches
-            log(f"warning: {resume} was saved mid-epoch by another processes x batch x accum layout; "
-                f"restarting epoch {epoch} from its start")
-            batch_in_epoch = 0
-        if ckpt["world_size"] == world_size:                            # else a new world: fresh seeds
-            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-            if device.type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
-        log(f"resumed from {resume} at epoch {epoch}, batch {batch_in_epoch}")
-    save_state = partial(save_training_state, path_last, model_without_ddp, optimizer, scaler, args)
+    save_state = partial(save_training_state, model=model_without_ddp, optimizer=optimizer, scaler=scaler,
+                         args=args, world_size=world_size)
+    stop = []                                                           # SIGTERM: save at the next step, exit 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
 
-    stop = {"signal": None}                                              # SIGTERM: save at the next step
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-
-    # 9. loop
-    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if is_main else None
+    # 9. loop: one optimizer step per accum_iter micro-batches
     model.train()
-    while epoch < args.epochs:
+    stopping = False
+    while epoch < args.epochs and not stopping:
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip_batches = batch_in_epoch
-        bar = tqdm(total=batches_per_epoch, initial=batch_in_epoch, desc=f"epoch {epoch}", dynamic_ncols=True,
-                   leave=False, disable=not (is_main and sys.stderr.isatty()))   # a batch log gets the lines only
-        loss_sum, nonfinite = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.bool)
-        n_logged, t_log = 0, time.time()
+        loss_sum, n_summed, t_log = torch.zeros((), device=device), 0, time.time()
         for imgs, noise in itertools.islice(loader, batches_per_epoch - batch_in_epoch):
             if batch_in_epoch % args.accum_iter == 0:
                 lr = lr_at(epoch + batch_in_epoch / batches_per_epoch, args)
                 set_lr(optimizer, lr)
             imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
-            last_micro = (batch_in_epoch + 1) % args.accum_iter == 0
+            # what the model draws (drop path) comes from a stream keyed by rank and micro-batch: resume is exact
+            torch.manual_seed(args.seed + rank + world_size * (epoch * batches_per_epoch + batch_in_epoch))
+            batch_in_epoch += 1
+            last_micro = batch_in_epoch % args.accum_iter == 0
             # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs
             with (model.no_sync() if distributed and not last_micro else nullcontext()), autocast:
                 loss, _, _ = model(imgs, args.mask_ratio, noise)
             scaler.scale(loss / args.accum_iter).backward()
-            loss = loss.detach().float()
-            nonfinite |= ~torch.isfinite(loss)                           # checked at log time: no sync per step
-            loss_sum += loss
-            batch_in_epoch += 1
-            bar.update()
+            loss_sum += loss.detach().float()                           # on the device: a NaN stays in the sum
+            n_summed += 1
             if not last_micro:
                 continue
-            if args.clip_grad is not None:
+            if args.clip_grad:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            n_logged += args.accum_iter
             step = batch_in_epoch // args.accum_iter
-            stopping = count_ranks(stop["signal"] is not None, host_group) > 0
+            # per step, the ranks all-reduce one CPU float (has any had a SIGTERM?) on the gloo group: no GPU sync
+            stopping = count_ranks(bool(stop), host_group) > 0
             if step % args.log_every == 0 or batch_in_epoch == batches_per_epoch or stopping:
-                stats = torch.stack([loss_sum / n_logged, nonfinite.float()])
                 if distributed:
-                    dist.all_reduce(stats)
-                mean_loss, bad = stats[0].item() / world_size, stats[1].item() > 0
-                if bad or not math.isfinite(mean_loss):
-                    bar.close()
-                    sys.exit(f"error: loss is {mean_loss} at epoch {epoch} step {step}; stopping without saving. "
-                             f"The last good checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
-                ips = n_logged * args.batch_size * world_size / (time.time() - t_log)
-                record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "img_per_s": round(ips, 1)}
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
-                log(f"epoch {epoch} step {step}/{batches_per_epoch // args.accum_iter} | loss {mean_loss:.4f} | "
-                    f"lr {lr:.2e} | {ips:.0f} img/s")
-                if is_main:
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                loss_sum.zero_(), nonfinite.zero_()
-                n_logged, t_log = 0, time.time()
+                    dist.all_reduce(loss_sum)
+                loss = loss_sum.item() / n_summed / world_size           # the only GPU sync: at log steps
+                if not math.isfinite(loss):
+                    sys.exit(f"error: loss is {loss} at epoch {epoch} step {step}; stopping without saving. The last "
+                             f"good checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
+                ips = n_summed * args.batch_size * world_size / (time.time() - t_log)
+                log(f"epoch {epoch} step {step}/{steps_per_epoch} | loss {loss:.4f} | lr {lr:.2e} | {ips:.0f} img/s")
+                record = {"epoch": epoch, "step": step, "loss": loss, "lr": lr, "img_per_s": round(ips, 1)}
+                print(json.dumps(record), file=log_file, flush=True)
+                loss_sum, n_summed, t_log = torch.zeros((), device=device), 0, time.time()
             if stopping:
-                bar.close()
-                save_state(epoch, batch_in_epoch)
-                log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
-                if distributed:
-                    dist.destroy_process_group()
-                return
-        bar.close()
-        epoch, batch_in_epoch = epoch + 1, 0
-        save_state(epoch, 0)
-        if is_main:
-            if epoch % args.save_every == 0 or epoch == args.epochs:     # a kept copy, written atomically
-                copy = os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")
-                shutil.copyfile(path_last, copy + ".tmp")
-                os.replace(copy + ".tmp", copy)
+                break
+        if not stopping:
+            epoch, batch_in_epoch = epoch + 1, 0
+        keep = not stopping and (epoch % args.save_every == 0 or epoch == args.epochs)   # a copy every save_every
+        save_state([path_last] + [os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")] * keep,
+                   epoch=epoch, batch_in_epoch=batch_in_epoch)
+        if stopping:
+            log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
+        elif is_main:
             save_reconstruction(model_without_ddp, demo_imgs, demo_noise, args.mask_ratio,
                                 os.path.join(args.output_dir, f"recon-epoch{epoch:03d}.png"))
             log(f"epoch {epoch}/{args.epochs} done | checkpoint and picture in {args.output_dir}")

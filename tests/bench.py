@@ -25,7 +25,7 @@ forward draws its own masking noise. Timing rounds alternate ours / official so 
 noise hits both alike. The official ConvMAE/FastConvMAE run only at 224 px with strides 4-2-2,
 so their *_tiny models have no official row.
 
---mor adds, for FastConvMAE models, two rows timed in the same rounds: the Mixture of
+--mor adds, for FastConvMAE models, two rows timed in the same rounds: fastconvmae_mor.py's Mixture of
 Reconstructors with the EMA teacher only, and with EMA, DINO and CLIP teachers. The stand-ins for
 DINO and CLIP are ViTTeachers of their sizes with random weights (base: ViT-B/16, and CLIP's
 projection to 512), since their cost does not depend on the weights. A MoR step includes the
@@ -73,6 +73,7 @@ sys.path.insert(0, os.path.dirname(TESTS))                              # the re
 import convmae  # noqa: E402
 import convnextv2_fcmae  # noqa: E402
 import fastconvmae  # noqa: E402
+import fastconvmae_mor  # noqa: E402
 import mae  # noqa: E402
 import simmim  # noqa: E402
 
@@ -273,21 +274,22 @@ def ours_with_mor(name, args, device, external):
     vit = dict(patch_size=patch, dim=dim, depth=12 if dim >= 768 else 2, tokens=grid * grid + 1)
     teachers = {}
     if external:
-        teachers = {kind: fastconvmae.FeatureTeacher(fastconvmae.ViTTeacher(**vit, clip=clip, out_dim=dim * 2 // 3)
-                                                     .eval(), mean, std, grid).to(device)
-                    for kind, clip, mean, std in [("dino", False, fastconvmae.IMAGENET_MEAN, fastconvmae.IMAGENET_STD),
-                                                  ("clip", True, fastconvmae.CLIP_MEAN, fastconvmae.CLIP_STD)]}
+        mor = fastconvmae_mor
+        teachers = {kind: mor.FeatureTeacher(mor.ViTTeacher(**vit, clip=clip, out_dim=dim * 2 // 3).eval(),
+                                             mean, std, grid).to(device)
+                    for kind, clip, mean, std in [("dino", False, mor.IMAGENET_MEAN, mor.IMAGENET_STD),
+                                                  ("clip", True, mor.CLIP_MEAN, mor.CLIP_STD)]}
     widths = {"ema": dim} | {kind: teacher(torch.zeros(1, 3, a["img_size"], a["img_size"], device=device)).shape[-1]
                              for kind, teacher in teachers.items()}
-    model = fastconvmae.MODELS[name](norm_pix_loss=True, reconstructors=widths,
-                                     branch_depth=max(a["decoder_depth"] // 4, 1)).to(device)
-    ema = fastconvmae.ema_teacher(model)
+    model = fastconvmae_mor.MODELS[name](norm_pix_loss=True, reconstructors=widths,
+                                         branch_depth=max(a["decoder_depth"] // 4, 1)).to(device)
+    ema = fastconvmae_mor.ema_teacher(model)
 
     def loss(m, imgs, noise):
-        return m(imgs, 0.75, noise, fastconvmae.teacher_targets(ema, teachers, imgs))[0]["loss"]
+        return m(imgs, 0.75, noise, fastconvmae_mor.teacher_targets(ema, teachers, imgs))[0]["loss"]
     label = f"{name} +MoR ({', '.join(widths)})"
-    c = make_contender(label, model, loss, fastconvmae.param_groups, args, device, fused=True)
-    c.after_step = partial(fastconvmae.update_ema, ema, model, 0.996)
+    c = make_contender(label, model, loss, fastconvmae_mor.param_groups, args, device, fused=True)
+    c.after_step = partial(fastconvmae_mor.update_ema, ema, model, 0.996)
     return c
 
 

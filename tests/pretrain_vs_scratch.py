@@ -6,8 +6,8 @@ markdown table of validation top-1 (README, "Fine-tune"). Not collected by pytes
     python tests/pretrain_vs_scratch.py --models mae_vit_tiny --pretrain_epochs 2 --finetune_epochs 1
     python tests/pretrain_vs_scratch.py --models fastconvmae_convvit_tiny fastconvmae_convvit_tiny+mor
 
-A name with a suffix (VARIANTS) pre-trains with extra flags: `+mor` is FastConvMAE's Mixture of
-Reconstructors with its EMA teacher; the classifier is the plain name's.
+A name with a suffix (VARIANTS) pre-trains with another script: `+mor` is FastConvMAE's Mixture of
+Reconstructors with its EMA teacher (fastconvmae_mor.py); the classifier is the plain name's.
 
 Each command it runs is printed; the runs write under --out (default output/pretrain_vs_scratch).
 """
@@ -23,7 +23,7 @@ SCRIPT = {"mae": "mae.py", "convmae": "convmae.py", "fastconvmae": "fastconvmae.
           "convnextv2": "convnextv2_fcmae.py"}
 TINY = ["mae_vit_tiny", "convmae_convvit_tiny", "fastconvmae_convvit_tiny", "simmim_vit_tiny", "simmim_swin_tiny",
         "convnextv2_fcmae_test"]
-VARIANTS = {"fastconvmae_convvit_tiny+mor": ["--mor"]}                 # extra pre-training flags
+VARIANTS = {"fastconvmae_convvit_tiny+mor": "fastconvmae_mor.py"}     # the pre-training script of a variant
 
 
 def get_args():
@@ -59,10 +59,11 @@ def main(args):
     rows = []
     for row in args.models:
         out, name = os.path.join(args.out, row), row.split("+")[0]
-        script = SCRIPT[next(m for m in ("fastconvmae", "convmae", "mae", "simmim", "convnextv2") if name.startswith(m))]
+        method = next(m for m in ("fastconvmae", "convmae", "mae", "simmim", "convnextv2") if name.startswith(m))
+        script = VARIANTS.get(row, SCRIPT[method])
         schedule = ["--schedule", "cosine"] if script == "simmim.py" else []
         t_pre = run(script, "--model", name, "--epochs", args.pretrain_epochs, "--warmup_epochs", 1, *schedule,
-                    *VARIANTS.get(row, []), *common, "--output_dir", os.path.join(out, "pretrain"))
+                    *common, "--output_dir", os.path.join(out, "pretrain"))
         tune = ["--model", name, "--epochs", args.finetune_epochs, "--warmup_epochs", 1, "--lr", args.finetune_lr,
                 "--mixup", 0, "--cutmix", 0, "--reprob", 0, "--randaug", 0, *common]   # short runs: crop + flip only
         t_ft = run("finetune.py", *tune, "--finetune", os.path.join(out, "pretrain", "checkpoint-last.pth"),

@@ -193,7 +193,7 @@ def test_simmim_sdpa_path_equals_the_explicit_attention(fp32, monkeypatch, name,
 SCRIPTS = [("mae.py", "mae_vit_tiny", [], True),
            ("convmae.py", "convmae_convvit_tiny", [], True),
            ("fastconvmae.py", "fastconvmae_convvit_tiny", [], True),
-           ("fastconvmae.py", "fastconvmae_convvit_tiny", ["--mor"], True),               # + EMA teacher, branch
+           ("fastconvmae_mor.py", "fastconvmae_convvit_tiny", [], True),                  # + EMA teacher, branch
            ("simmim.py", "simmim_vit_tiny", ["--schedule", "cosine", "--warmup_lr", 0, "--min_lr", 0], True),
            ("convnextv2_fcmae.py", "convnextv2_fcmae_test", [], False)]
 

@@ -1,5 +1,6 @@
-"""fastconvmae.py's Mixture of Reconstructors (--mor): the partially shared decoder, the EMA and
-external teachers, their losses, and the training loop with them (DDP, resume, AMP, errors)."""
+"""fastconvmae_mor.py, FastConvMAE's Mixture of Reconstructors: the partially shared decoder, the EMA and
+external teachers, their losses, and the training loop with them (DDP, resume, AMP, errors), and the
+checkpoints of `fastconvmae.py --mor` as it was before that file."""
 import math
 import signal
 
@@ -10,9 +11,10 @@ import torch.nn.functional as F
 
 import convmae
 import fastconvmae
+import fastconvmae_mor
 from common import IMAGENET_MEAN, IMAGENET_STD
-from fastconvmae import (CLIP_MEAN, CLIP_STD, MODELS, ViTTeacher, ema_momentum, ema_teacher, load_teacher,
-                         teacher_targets, update_ema)
+from fastconvmae_mor import (CLIP_MEAN, CLIP_STD, MODELS, ViTTeacher, ema_momentum, ema_teacher, load_teacher,
+                             teacher_targets, update_ema)
 from helpers import (assert_same_weights, kill, last_line, load_golden, log_lines, one_line_error_failures, run,
                      start, wait_for, without_key_bias)
 from test_convmae import official_base_keys
@@ -89,15 +91,17 @@ def batch(n=2, seed=0):
 
 def test_mor_adds_only_branch_keys_and_its_pixel_path_is_the_official_decoder():
     with torch.device("meta"):
-        sd = MODELS["fastconvmae_convvit_base_patch16"](reconstructors={"ema": 768, "dino": 768, "clip": 512}).state_dict()
+        widths = {"ema": 768, "dino": 768, "clip": 512}
+        sd = MODELS["fastconvmae_convvit_base_patch16"](reconstructors=widths).state_dict()
     official = official_base_keys()
     assert {k: list(v.shape) for k, v in sd.items() if k in official} == official
     extra = {k: list(v.shape) for k, v in sd.items() if k not in official}
     assert all(k.startswith(("reconstructors.ema.", "reconstructors.dino.", "reconstructors.clip.")) for k in extra)
-    assert extra["reconstructors.clip.pred.weight"] == [512, 512] and extra["reconstructors.ema.pred.weight"] == [768, 512]
+    assert extra["reconstructors.clip.pred.weight"] == [512, 512]
+    assert extra["reconstructors.ema.pred.weight"] == [768, 512]
     assert {k.split(".")[3] for k in extra if ".blocks." in k} == {"0", "1"}            # default: 2 of the 8 blocks
     # with the official weights the pixel path is unchanged: same loss and prediction as the plain model
-    plain, mor = MODELS[TINY](norm_pix_loss=True), tiny_mor(norm_pix_loss=True)
+    plain, mor = fastconvmae.MODELS[TINY](norm_pix_loss=True), tiny_mor(norm_pix_loss=True)
     mor.load_state_dict(plain.state_dict(), strict=False)
     imgs, noise = batch()
     loss_plain, pred_plain, _ = plain(imgs, 0.75, noise)
@@ -143,7 +147,7 @@ def test_teachers_receive_no_gradient_and_the_branches_train_the_encoder(tmp_pat
     model = tiny_mor(loss_weights={"pixel": 0.0, "ema": 0.0})                       # only the clip branch counts
     ema = ema_teacher(model)
     clip = load_teacher(script(RandomConv(1), tmp_path / "t.pt"), "clip", grid=4)
-    clip.net.conv.weight.requires_grad_(True)                                       # even if the file's weights asked for it
+    clip.net.conv.weight.requires_grad_(True)                       # even if the file's weights asked for it
     imgs, noise = batch()
     targets = {k: v[..., :5] if k == "clip" else v for k, v in teacher_targets(ema, {"clip": clip}, imgs).items()}
     assert not any(t.requires_grad for t in targets.values())
@@ -151,7 +155,7 @@ def test_teachers_receive_no_gradient_and_the_branches_train_the_encoder(tmp_pat
     losses["loss"].backward()
     assert all(p.grad is None for p in ema.parameters()) and all(p.grad is None for p in clip.parameters())
     assert not any(p.requires_grad for p in ema.parameters())
-    assert sorted(k for k, _ in ema.state_dict().items() if k.startswith(fastconvmae.DECODER)) == []
+    assert sorted(k for k, _ in ema.state_dict().items() if k.startswith(fastconvmae_mor.DECODER)) == []
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert grads["blocks1.0.conv1.weight"].abs().sum() > 0                           # through the clip branch
     assert grads["reconstructors.clip.pred.weight"].abs().sum() > 0
@@ -167,7 +171,7 @@ def test_ema_update_and_momentum_follow_their_formulas():
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     update_ema(teacher, student, 0.9)
     s = student.state_dict()
-    assert set(before) == {k for k in s if not k.startswith(fastconvmae.DECODER)}   # the whole encoder, nothing else
+    assert set(before) == {k for k in s if not k.startswith(fastconvmae_mor.DECODER)}   # the encoder, nothing else
     for k, t in teacher.state_dict().items():
         torch.testing.assert_close(t, 0.9 * before[k] + 0.1 * s[k], rtol=1e-6, atol=1e-7)
     assert ema_momentum(0, 0.996, 50) == 0.996 and ema_momentum(50, 0.996, 50) == 1.0
@@ -251,12 +255,12 @@ def test_torch_export_teacher(tmp_path):
     torch.testing.assert_close(out, F.avg_pool2d(imgs, 8).flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-6)
 
 
-# --- the training loop with --mor ---
+# --- the training loop of fastconvmae_mor.py ---
 
 def test_each_flag_feeds_its_branch_with_its_normalisation(tmp_path):
-    args = fastconvmae.get_args(["--model", TINY, "--mor", "--teacher_dino", script(PatchMean(), tmp_path / "d.pt"),
-                                 "--teacher_clip", script(RandomConv(2), tmp_path / "c.pt")])
-    teachers, widths = fastconvmae.build_teachers(args, 4, batch(n=8)[0], torch.device("cpu"))
+    args = fastconvmae_mor.get_args(["--model", TINY, "--teacher_dino", script(PatchMean(), tmp_path / "d.pt"),
+                                     "--teacher_clip", script(RandomConv(2), tmp_path / "c.pt")])
+    teachers, widths = fastconvmae_mor.build_teachers(args, 4, batch(n=8)[0], torch.device("cpu"))
     assert widths == {"dino": 3, "clip": 12}
     imgs, _ = batch()
     torch.testing.assert_close(teachers["dino"](imgs), F.avg_pool2d(imgs, 8).flatten(2).transpose(1, 2))  # as ours
@@ -268,12 +272,12 @@ def test_each_flag_feeds_its_branch_with_its_normalisation(tmp_path):
 def mor_args(tmp_path, *extra):
     dino = script(RandomConv(1), tmp_path / "dino.pt")
     clip = script(RandomConv(2), tmp_path / "clip.pt")
-    return ["--model", TINY, "--num_workers", 0, "--warmup_epochs", 1, "--mor", "--teacher_dino", dino,
+    return ["--model", TINY, "--num_workers", 0, "--warmup_epochs", 1, "--teacher_dino", dino,
             "--teacher_clip", clip, *extra]
 
 
 def test_short_run_lowers_every_loss_component(tmp_path):
-    r = run("fastconvmae.py", *mor_args(tmp_path, "--epochs", 3, "--builtin_images", 256, "--batch_size", 16,
+    r = run("fastconvmae_mor.py", *mor_args(tmp_path, "--epochs", 3, "--builtin_images", 256, "--batch_size", 16,
                                         "--lr", "2e-3", "--log_every", 4, "--output_dir", tmp_path / "run"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "MoR: targets pixel, ema, dino, clip" in r.stdout
@@ -290,13 +294,13 @@ def test_short_run_lowers_every_loss_component(tmp_path):
 def test_sigkill_then_resume_restores_the_ema_teacher_bit_identically(tmp_path):
     args = mor_args(tmp_path, "--epochs", 2, "--builtin_images", 128, "--batch_size", 8, "--lr", "1e-3",
                     "--log_every", 1)
-    ref = run("fastconvmae.py", *args, "--output_dir", tmp_path / "ref")
+    ref = run("fastconvmae_mor.py", *args, "--output_dir", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-2000:]
-    proc = start("fastconvmae.py", *args, "--output_dir", tmp_path / "run")
+    proc = start("fastconvmae_mor.py", *args, "--output_dir", tmp_path / "run")
     wait_for(lambda: any(e["epoch"] == 1 and e["step"] >= 5 for e in log_lines(tmp_path / "run")), proc)
     code, _, _ = kill(proc, signal.SIGKILL)
     assert code == -signal.SIGKILL
-    r = run("fastconvmae.py", *args, "--output_dir", tmp_path / "run", "--resume", "auto")
+    r = run("fastconvmae_mor.py", *args, "--output_dir", tmp_path / "run", "--resume", "auto")
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
     a, b = (torch.load(tmp_path / d / "checkpoint-last.pth", weights_only=True) for d in ("ref", "run"))
     assert_same_weights(a["model"], b["model"])
@@ -304,13 +308,40 @@ def test_sigkill_then_resume_restores_the_ema_teacher_bit_identically(tmp_path):
     assert not torch.equal(a["ema"]["blocks3.0.attn.qkv.weight"], a["model"]["blocks3.0.attn.qkv.weight"])
 
 
+def test_a_checkpoint_of_the_old_fastconvmae_py_mor_resumes_exactly(tmp_path):
+    """Before fastconvmae_mor.py, `fastconvmae.py --mor` wrote the same 'model' and 'ema' keys, plus args.mor =
+    True and each rank's RNG state under 'rng'. Such a file, built here by hand from the epoch-1 copy of a run,
+    resumes to that run's last weights, EMA included; fastconvmae.py refuses it with one line."""
+    args = mor_args(tmp_path, "--epochs", 2, "--builtin_images", 64, "--batch_size", 8, "--lr", "1e-3",
+                    "--ema_momentum", 0.9)
+    ref = run("fastconvmae_mor.py", *args, "--save_every", 1, "--output_dir", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    new = torch.load(tmp_path / "ref" / "checkpoint-0001.pth", weights_only=True)
+    old = {"model": new["model"], "optimizer": new["optimizer"], "scaler": new["scaler"], "epoch": 1,
+           "batch_in_epoch": 0, "world_size": 1, "args": new["args"] | {"mor": True},
+           "rng": [{"cpu": torch.get_rng_state(), "cuda": None}], "ema": new["ema"]}
+    (tmp_path / "old").mkdir()
+    torch.save(old, tmp_path / "old" / "checkpoint-last.pth")
+    r = run("fastconvmae.py", "--model", TINY, "--num_workers", 0, "--epochs", 2, "--builtin_images", 64,
+            "--batch_size", 8, "--output_dir", tmp_path / "old", "--resume", "auto")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert last_line(r.stderr) == (f"error: --resume {tmp_path / 'old' / 'checkpoint-last.pth'} is a "
+                                   f"Mixture-of-Reconstructors checkpoint; resume it with fastconvmae_mor.py")
+    r = run("fastconvmae_mor.py", *args, "--save_every", 1, "--output_dir", tmp_path / "old", "--resume", "auto")
+    assert r.returncode == 0 and "resumed from" in r.stdout and "at epoch 1, batch 0" in r.stdout, r.stderr[-2000:]
+    a, b = (torch.load(tmp_path / d / "checkpoint-last.pth", weights_only=True) for d in ("ref", "old"))
+    assert b["epoch"] == 2 and "rng" not in b and "mor" not in b["args"]                # rewritten in today's layout
+    assert_same_weights(a["model"], b["model"])
+    assert_same_weights(a["ema"], b["ema"])
+
+
 def test_ddp_two_processes_with_accumulation_equal_one_process(tmp_path):
     # momentum 0.5: the EMA moves far in 4 steps, so an update at the wrong time or with the wrong
     # momentum would show (at the default 0.996 it stays within 1e-5 of its start here)
     common = mor_args(tmp_path, "--epochs", 1, "--builtin_images", 64, "--lr", "1e-3", "--log_every", 1,
                       "--ema_momentum", 0.5)
-    one = run("fastconvmae.py", *common, "--batch_size", 16, "--output_dir", tmp_path / "one")
-    two = run("fastconvmae.py", *common, "--batch_size", 4, "--accum_iter", 2, "--output_dir", tmp_path / "two",
+    one = run("fastconvmae_mor.py", *common, "--batch_size", 16, "--output_dir", tmp_path / "one")
+    two = run("fastconvmae_mor.py", *common, "--batch_size", 4, "--accum_iter", 2, "--output_dir", tmp_path / "two",
               torchrun=2)
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     a, b = (torch.load(tmp_path / d / "checkpoint-last.pth", weights_only=True) for d in ("one", "two"))
@@ -332,39 +363,58 @@ def bad_cases(tmp_path, tiny):
     garbage.write_bytes(b"not a model")
     wrong_grid = script(WrongGrid(), tmp_path / "grid.pt")
     ok = script(PatchMean(), tmp_path / "ok.pt")
-    resnet = tmp_path / "RN50.pth"                                                  # CLIP's ResNet towers: no class_embedding
-    torch.save({"visual.conv1.weight": torch.zeros(8, 3, 3, 3), "visual.attnpool.c_proj.weight": torch.zeros(4, 8)}, resnet)
+    resnet = tmp_path / "RN50.pth"                                  # CLIP's ResNet towers: no class_embedding
+    torch.save({"visual.conv1.weight": torch.zeros(8, 3, 3, 3), "visual.attnpool.c_proj.weight": torch.zeros(4, 8)},
+               resnet)
     pair = script(Pair(), tmp_path / "pair.pt")
     static = tmp_path / "static.pt2"                                                # exported for batch 2 only
     torch.export.save(torch.export.export(PatchMean(), (torch.randn(2, 3, 32, 32),)), static)
     return [
-        ([*tiny, "--teacher_dino", ok], "--teacher_dino gives a Mixture-of-Reconstructors target; add --mor"),
-        ([*tiny, "--mor", "--teacher_clip", tmp_path / "missing.pt"], "--teacher_clip " + str(tmp_path / "missing.pt")
+        ([*tiny, "--teacher_clip", tmp_path / "missing.pt"], "--teacher_clip " + str(tmp_path / "missing.pt")
          + ": no such file"),
-        ([*tiny, "--mor", "--teacher_clip", resnet], "a CLIP ResNet image tower; only CLIP ViTs are supported"),
-        ([*tiny, "--mor", "--teacher_dino", pair], "returns a tuple; it must return one tensor"),
-        ([*tiny, "--mor", "--teacher_dino", static], "--teacher_dino"),
-        ([*tiny, "--mor", "--teacher_dino", garbage], "neither TorchScript nor a readable checkpoint"),
-        ([*tiny, "--mor", "--teacher_dino", wrong_grid], "returns 4 tokens: not a square grid that pools onto"),
-        ([*tiny, "--mor", "--mor_branch_depth", 2], "--mor_branch_depth must be 1 to 1"),
-        ([*tiny, "--mor", "--mor_weights", "dino=2"], "--mor_weights dino=2: dino is not a target"),
-        ([*tiny, "--mor", "--mor_weights", "ema=x"], "--mor_weights ema=x: expected NAME=NUMBER"),
-        ([*tiny, "--mor", "--ema_momentum", 1.5], "--ema_momentum must be in [0, 1]"),
+        ([*tiny, "--teacher_clip", resnet], "a CLIP ResNet image tower; only CLIP ViTs are supported"),
+        ([*tiny, "--teacher_dino", pair], "returns a tuple; it must return one tensor"),
+        ([*tiny, "--teacher_dino", static], "--teacher_dino"),
+        ([*tiny, "--teacher_dino", garbage], "neither TorchScript nor a readable checkpoint"),
+        ([*tiny, "--teacher_dino", wrong_grid], "returns 4 tokens: not a square grid that pools onto"),
+        ([*tiny, "--mor_branch_depth", 2], "--mor_branch_depth must be 1 to 1"),
+        ([*tiny, "--mor_weights", "dino=2"], "--mor_weights dino=2: dino is not a target"),
+        ([*tiny, "--mor_weights", "ema=x"], "--mor_weights ema=x: expected NAME=NUMBER"),
+        ([*tiny, "--ema_momentum", 1.5], "--ema_momentum must be in [0, 1]"),
     ]
 
 
 def test_bad_mor_input_gives_one_line_naming_the_flag(tmp_path):
     torch.save({"patch_embed.proj.weight": torch.zeros(8, 3, 8, 8)}, tmp_path / "partial.pth")   # a broken ViT
     tiny = ["--model", TINY, "--num_workers", 0, "--epochs", 1, "--builtin_images", 16, "--batch_size", 8]
-    cases = bad_cases(tmp_path, tiny) + [([*tiny, "--mor", "--teacher_dino", tmp_path / "partial.pth"],
+    cases = bad_cases(tmp_path, tiny) + [([*tiny, "--teacher_dino", tmp_path / "partial.pth"],
                                     "not a ViT state_dict in DINO's or CLIP's layout")]
-    failures = one_line_error_failures(fastconvmae, ["--output_dir", tmp_path / "out"], cases)
+    failures = one_line_error_failures(fastconvmae_mor, ["--output_dir", tmp_path / "out"], cases)
     assert not failures, "\n".join(failures)
-    # a --mor checkpoint resumed without --mor does not fit: one line, no traceback
-    assert run("fastconvmae.py", *tiny, "--mor", "--output_dir", tmp_path / "m").returncode == 0
+    # a MoR checkpoint resumed by fastconvmae.py: one line, no traceback, naming the file that resumes it
+    assert run("fastconvmae_mor.py", *tiny, "--output_dir", tmp_path / "m").returncode == 0
     r = run("fastconvmae.py", *tiny, "--epochs", 2, "--output_dir", tmp_path / "m", "--resume", "auto")
     assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert last_line(r.stderr).startswith("error: --resume") and "fastconvmae_mor.py" in last_line(r.stderr)
+    # and a plain one resumed by fastconvmae_mor.py does not fit its branches
+    assert run("fastconvmae.py", *tiny, "--output_dir", tmp_path / "p").returncode == 0
+    r = run("fastconvmae_mor.py", *tiny, "--epochs", 2, "--output_dir", tmp_path / "p", "--resume", "auto")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
     assert last_line(r.stderr).startswith("error: --resume") and "does not fit" in last_line(r.stderr)
+
+
+def test_the_mor_flags_belong_to_fastconvmae_mor_py_only(tmp_path):
+    """fastconvmae.py, the released method, has no MoR flags, and fastconvmae_mor.py no dead `--mor` (it is
+    implied): an old command line stops at once, naming the flag."""
+    tiny = ["--model", TINY, "--num_workers", 0, "--epochs", 1, "--builtin_images", 16, "--batch_size", 8,
+            "--output_dir", tmp_path / "out"]
+    dino = script(PatchMean(), tmp_path / "ok.pt")
+    for name, flag in [("fastconvmae.py", ["--mor"]), ("fastconvmae.py", ["--teacher_dino", dino]),
+                       ("fastconvmae_mor.py", ["--mor"])]:
+        r = run(name, *tiny, *flag)
+        line = last_line(r.stderr)                                  # argparse's: unrecognized, or (--mor) ambiguous
+        assert r.returncode == 2 and line.startswith(f"{name}: error: ") and flag[0] in line, (name, r.stderr)
+    assert not (tmp_path / "out").exists()                                         # stopped before any work
 
 
 def test_finetune_takes_a_mor_checkpoint_and_reports_the_branches_unused():

@@ -72,10 +72,11 @@ def test_two_epochs_on_builtin_data_write_checkpoint_log_and_a_useful_picture(m,
     assert len(printed) == len(log) and printed[-1].startswith("epoch 1 step 32/32 | loss ")  # and one print line
     assert f"loss {log[-1]['loss']:.4f}" in printed[-1]
     grid = np.asarray(Image.open(out / "recon-epoch002.png"), np.float32) / 255    # 8 rows x 4 columns, pad 1
-    s = m.size + 1                                                             # a cell and its padding
+    scale = -(-256 // (4 * m.size))                              # upscaled (nearest): a row is >= 256 px wide
+    s = m.size * scale + 1                                                     # a cell and its padding
     cell = lambda r, c: grid[1 + s * r: s * (r + 1), 1 + s * c: s * (c + 1)]
     err = lambda c: np.mean([((cell(r, c) - cell(r, 0)) ** 2).mean() for r in range(8)])
-    assert grid.shape == (8 * s + 1, 4 * s + 1, 3)
+    assert grid.shape == (8 * s + 1, 4 * s + 1, 3) and grid.shape[1] >= 256
     if m.learns:
         assert err(3) < 0.8 * err(1), (err(3), err(1))                              # recon beats grey patches
 
