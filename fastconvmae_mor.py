@@ -26,7 +26,6 @@ import warnings
 from contextlib import nullcontext
 from functools import partial
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -348,10 +347,12 @@ def teacher_targets(ema, teachers, imgs):
 def get_args(argv=None):
     p = fastconvmae.parser()
     p.description = "FastConvMAE pre-training with a Mixture of Reconstructors"
-    p.add_argument("--teacher_dino", default=None, metavar="FILE", help="a DINO teacher, TorchScript (images -> "
-                   "patch features) or a ViT state_dict in DINO's layout; fed ImageNet-normalised images")
-    p.add_argument("--teacher_clip", default=None, metavar="FILE", help="a CLIP teacher, OpenAI's release file "
-                   "or TorchScript (images -> patch features); fed CLIP-normalised images")
+    p.add_argument("--teacher_dino", default=None, metavar="FILE", help="a DINO teacher: a ViT state_dict in DINO's "
+                   "layout, or a .pt2 (torch.export) or TorchScript file mapping images to patch features; fed "
+                   "ImageNet-normalised images")
+    p.add_argument("--teacher_clip", default=None, metavar="FILE", help="a CLIP teacher: OpenAI's ViT release file, "
+                   "or a .pt2 (torch.export) or TorchScript file mapping images to patch features; fed "
+                   "CLIP-normalised images")
     p.add_argument("--mor_branch_depth", type=int, default=None, help="decoder blocks of each branch, the others "
                    "shared; default: a quarter of the decoder (base: 2 of 8), at least 1")
     p.add_argument("--ema_momentum", type=float, default=0.996, help="EMA teacher momentum at the start (cosine to 1)")
@@ -437,7 +438,6 @@ def main(args):
 
     # 2. seed: per rank, for what is drawn outside the data pipeline (model init: DDP copies rank 0's)
     torch.manual_seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
 
     # 3. data: batches of (imgs [B, 3, H, W], noise [B, L]). The data set is indexed by (epoch, i) and draws each
     # sample's crop, flip and masking noise from a stream seeded by (seed, epoch, i): the same samples whatever

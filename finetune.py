@@ -31,7 +31,6 @@ import time
 from contextlib import nullcontext
 from functools import partial
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -607,11 +606,10 @@ def check_args(args):
     for flag, value in recipe.items():
         if getattr(args, flag, None) is None:
             setattr(args, flag, value)
-    for flag in ("epochs", "batch_size", "accum_iter", "save_every", "log_every", "builtin_images"):
-        if getattr(args, flag) <= 0:
-            sys.exit(f"error: --{flag} must be a positive integer, got {getattr(args, flag)}")
-    if args.warmup_epochs < 0 or args.num_workers < 0:
-        sys.exit("error: --warmup_epochs and --num_workers must be >= 0")
+    for flag, low in (("epochs", 1), ("batch_size", 1), ("accum_iter", 1), ("save_every", 1), ("log_every", 1),
+                      ("builtin_images", 1), ("warmup_epochs", 0), ("num_workers", 0)):
+        if getattr(args, flag) < low:
+            sys.exit(f"error: --{flag} must be at least {low}, got {getattr(args, flag)}")
     for flag in ("drop_path", "smoothing", "reprob"):
         if not 0.0 <= getattr(args, flag) < 1.0:
             sys.exit(f"error: --{flag} must be in [0, 1), got {getattr(args, flag)}")
@@ -719,7 +717,6 @@ def main(args):
 
     # 2. seed: per rank, for what is drawn outside the data pipeline and the loop (the head's init: DDP copies rank 0's)
     torch.manual_seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
 
     # 3. data: training batches of (imgs [B, 3, H, W], labels [B]). The data set is indexed by (epoch, i) and draws
     # each sample's crop, flip, RandAugment and erasing from a stream seeded by (seed, epoch, i): the same samples

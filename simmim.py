@@ -33,7 +33,6 @@ from collections import OrderedDict
 from contextlib import nullcontext
 from functools import partial
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -511,11 +510,10 @@ def check_args(args):
     """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts."""
     if args.model not in MODELS:
         sys.exit(f"error: --model {args.model} is unknown; choose one of: {', '.join(MODELS)}")
-    for flag in ("epochs", "batch_size", "accum_iter", "save_every", "log_every", "builtin_images"):
-        if getattr(args, flag) <= 0:
-            sys.exit(f"error: --{flag} must be a positive integer, got {getattr(args, flag)}")
-    if args.warmup_epochs < 0 or args.num_workers < 0:
-        sys.exit("error: --warmup_epochs and --num_workers must be >= 0")
+    for flag, low in (("epochs", 1), ("batch_size", 1), ("accum_iter", 1), ("save_every", 1), ("log_every", 1),
+                      ("builtin_images", 1), ("warmup_epochs", 0), ("num_workers", 0)):
+        if getattr(args, flag) < low:
+            sys.exit(f"error: --{flag} must be at least {low}, got {getattr(args, flag)}")
     if not 0.0 < args.mask_ratio < 1.0:
         sys.exit(f"error: --mask_ratio must be in (0, 1), got {args.mask_ratio}")
     defaults = MODELS[args.model].keywords
@@ -662,7 +660,6 @@ def main(args):
 
     # 2. seed: per rank, for what is drawn outside the data pipeline (model init: DDP copies rank 0's)
     torch.manual_seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
 
     # 3. data: batches of (imgs [B, 3, H, W], noise [B, L]), L mask units. The data set is indexed by (epoch, i) and
     # draws each sample's crop, flip and masking noise from a stream seeded by (seed, epoch, i): the same samples

@@ -362,7 +362,6 @@ def bad_cases(tmp_path, tiny):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a model")
     wrong_grid = script(WrongGrid(), tmp_path / "grid.pt")
-    ok = script(PatchMean(), tmp_path / "ok.pt")
     resnet = tmp_path / "RN50.pth"                                  # CLIP's ResNet towers: no class_embedding
     torch.save({"visual.conv1.weight": torch.zeros(8, 3, 3, 3), "visual.attnpool.c_proj.weight": torch.zeros(4, 8)},
                resnet)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from helpers import assert_init_is_official, load_golden, shapes_batch, train_on_one_batch, vit_block_keys
+from helpers import assert_init_is_official, load_golden, shapes_batch, train_on_one_batch, vit_block_keys  # noqa: F401
 from simmim import MODELS, SimMIM, random_mask, shifted_window_mask, window_partition
 
 
@@ -160,7 +160,7 @@ def test_loss_ignores_visible_pixels():
     hidden = mask.repeat_interleave(8, 1).repeat_interleave(8, 2)[:, None]
     assert model.forward_loss(imgs, imgs + 5 * (1 - hidden), mask).item() == 0.0     # wrong only where visible
     loss = model.forward_loss(imgs, imgs + 2 * hidden, mask).item()
-    assert loss == pytest.approx(2.0 * hidden.sum().item() * 3 / (hidden.sum().item() * 3 + 1e-5 * 3) , rel=1e-6)
+    assert loss == pytest.approx(2.0 * hidden.sum().item() * 3 / (hidden.sum().item() * 3 + 1e-5 * 3), rel=1e-6)
 
 
 # --- Swin: shifted windows ---
