@@ -313,3 +313,18 @@ def test_compile_trains_like_eager_and_saves_plain_keys(m, tmp_path):
     # fused kernels round differently: the losses agree closely, not bit for bit
     assert [e["loss"] for e in log_lines(tmp_path / "compiled")] == \
         pytest.approx([e["loss"] for e in log_lines(tmp_path / "eager")], rel=1e-4)
+
+
+def test_clip_grad_0_is_off_and_a_positive_value_clips(m, tmp_path):
+    """--clip_grad 0 means no clipping, as in finetune.py: the weights equal a run clipped at a norm never reached
+    (clip_grad_norm_ then multiplies by exactly 1.0), bit for bit; clipping to norm 0 would zero every gradient.
+    A tiny positive norm does change them (AdamW's update is nearly scale-free: the norm must put the
+    gradients below its eps to show)."""
+    args = [*tiny(m), "--epochs", 1, "--builtin_images", 16, "--batch_size", 8, "--lr", "1e-3"]
+    runs = {"off": ["--clip_grad", "1e30"], "zero": ["--clip_grad", 0], "tiny": ["--clip_grad", "1e-9"]}
+    for name, extra in runs.items():
+        r = run(m.script, *args, *extra, "--output_dir", tmp_path / name)
+        assert r.returncode == 0, r.stderr[-2000:]
+    w = {name: weights(tmp_path / name / "checkpoint-last.pth") for name in runs}
+    assert_same_weights(w["off"], w["zero"])
+    assert any(not torch.equal(w["off"][k], w["tiny"][k]) for k in w["off"])
