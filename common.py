@@ -1,4 +1,5 @@
-"""What the five method files share: data, patchify/unpatchify, the learning-rate schedule.
+"""What the five method files share: data, patchify/unpatchify, the learning-rate schedule, and reading
+checkpoint files as the official training scripts write them.
 
 Data. `load_images(args.data)` gives a folder data set (ImageFolder layout DIR/train/<class>/,
 DIR/<class>/, or a flat folder of images) or, with no --data, `BuiltinShapes`: ten classes of
@@ -8,10 +9,13 @@ stream, seeded by (seed, epoch, index): crops, flips and the masking noise of a 
 the same whatever the number of processes or workers, and a resumed run sees exactly the
 batches an uninterrupted one would.
 """
+import argparse
 import math
 import os
+import pickle
 import signal
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -243,3 +247,33 @@ def set_lr(optimizer, lr):
     """Every group gets `lr`, times its `lr_scale` where it has one (layer-wise decay)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+# --- checkpoint files: the official training scripts pickle more than tensors ---
+_SCALAR = np.float64(0).__reduce__()[0]                         # numpy's scalar constructor, numpy 1 or 2
+_HARMLESS = {"argparse.Namespace": argparse.Namespace, "numpy.dtype": np.dtype,
+             "numpy.core.multiarray.scalar": _SCALAR, "numpy._core.multiarray.scalar": _SCALAR}
+
+
+class _StandIn(type):
+    """The type of the stand-ins for other classes a file names (SimMIM's yacs CfgNode): the unpickler may make
+    one, an OrderedDict of the object's data, but never call one, as a pickled function call would."""
+
+    def __call__(cls, *args, **kwargs):
+        raise pickle.UnpicklingError(f"calls {cls.__name__}")
+
+
+def load_checkpoint(path, mmap=False):
+    """torch.load(path, weights_only=True) that also reads what the official scripts save beside the weights:
+    `args` (argparse.Namespace), numpy scalars, and classes that need not exist here, as SimMIM's `config` (a
+    yacs CfgNode: read as nested OrderedDicts). No code in the file runs: a pickle that would call anything but
+    torch's tensor rebuilders raises UnpicklingError naming it."""
+    names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in _HARMLESS]
+    stand_ins = [(_StandIn(n, (), {"__new__": lambda cls, *a: OrderedDict()}), n) for n in names]
+    dtypes = [type(np.dtype(c)) for c in np.typecodes["All"]]    # numpy >= 1.25 has a class per dtype
+    try:
+        with torch.serialization.safe_globals([(f, n) for n, f in _HARMLESS.items()] + stand_ins + dtypes):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:                               # torch's message is a paragraph
+        raise pickle.UnpicklingError(f"{path}: refused: loading it would run code from the file "
+                                     f"({', '.join(names) or 'an unsupported pickle'})") from None

@@ -37,7 +37,8 @@ import torch.nn as nn
 from torchvision.ops import stochastic_depth
 from torchvision.utils import save_image
 
-from common import IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_images, patchify, pretrain_loader, set_lr, unpatchify
+from common import (IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_checkpoint, load_images, patchify, pretrain_loader,
+                    set_lr, unpatchify)
 
 # Conventions: N batch, L mask units (32x32 patches), C width, p = 32. mask: 1 = hidden, 0 = visible.
 # Feature maps are [N, C, H, W] between blocks (channels-last inside them, as the official dense code).
@@ -278,7 +279,7 @@ def load_pretrained(model, checkpoint):
     """Load an official FCMAE checkpoint (MinkowskiEngine layout, converted) or one of ours into `model`, a path
     or a state_dict. An official fine-tuned ConvNeXt V2 (no `encoder.` prefix) loads into model.encoder (its
     `norm` and `head` are left out). Returns the keys of `model` the checkpoint did not have."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True) if isinstance(checkpoint, str) else checkpoint
+    state = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
     state = state.get("model", state)
     if is_sparse_layout(state):
         state = from_sparse_layout(state)
@@ -340,12 +341,15 @@ def check_args(args):
     """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts."""
     if args.model not in MODELS:
         sys.exit(f"error: --model {args.model} is unknown; choose one of: {', '.join(MODELS)}")
-    for flag, low in (("epochs", 1), ("batch_size", 1), ("accum_iter", 1), ("save_every", 1), ("log_every", 1),
-                      ("builtin_images", 1), ("warmup_epochs", 0), ("num_workers", 0)):
-        if getattr(args, flag) < low:
-            sys.exit(f"error: --{flag} must be at least {low}, got {getattr(args, flag)}")
-    if not 0.0 < args.mask_ratio < 1.0:
-        sys.exit(f"error: --mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    for allowed, ok, flags in (("at least 1", lambda v: v >= 1, ("epochs", "batch_size", "accum_iter", "save_every",
+                                                                 "log_every", "builtin_images")),
+                               ("at least 0", lambda v: v >= 0, ("warmup_epochs", "num_workers", "blr", "lr", "min_lr",
+                                                                 "weight_decay", "clip_grad")),
+                               ("in (0, 1)", lambda v: 0 < v < 1, ("mask_ratio",))):
+        for flag in flags:                                              # None: a default computed later
+            value = getattr(args, flag)
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                sys.exit(f"error: --{flag} must be a finite number {allowed}, got {value}")
     if args.amp == "fp16":         # std-1 init: pred reaches ~1e6 at visible units (outside the loss), proj ~1e5
         sys.exit("error: --amp fp16 overflows with FCMAE's official init (decoder outputs far above fp16's 65504); "
                  "use --amp bf16 or none (the official fp32)")

@@ -385,7 +385,9 @@ def check_mor_args(args):
         try:
             weights[name] = float(value)
         except ValueError:
-            sys.exit(f"error: --mor_weights {item}: expected NAME=NUMBER, e.g. ema=0.5")
+            weights[name] = math.nan
+        if not (math.isfinite(weights[name]) and weights[name] >= 0):
+            sys.exit(f"error: --mor_weights {item}: expected NAME=W, W a finite number at least 0, e.g. ema=0.5")
         if name not in targets:
             sys.exit(f"error: --mor_weights {item}: {name} is not a target of this run (targets: {', '.join(targets)})")
     args.mor_weights = weights                                          # {target: weight}

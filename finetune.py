@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import time
@@ -43,8 +44,8 @@ import convnextv2_fcmae
 import fastconvmae
 import mae
 import simmim
-from common import BICUBIC, IMAGENET_MEAN, IMAGENET_STD, ImageFiles, cosine_lr, load_images, pretrain_loader, \
-    pretrain_transform, set_lr
+from common import BICUBIC, IMAGENET_MEAN, IMAGENET_STD, ImageFiles, cosine_lr, load_checkpoint, load_images, \
+    pretrain_loader, pretrain_transform, set_lr
 from mae import count_ranks, save_training_state, setup_distributed   # the loop's helpers, as in the method files
 
 METHODS = {"mae": mae, "convmae": convmae, "fastconvmae": fastconvmae, "simmim": simmim, "convnextv2": convnextv2_fcmae}
@@ -454,7 +455,8 @@ def load_weights(model, checkpoint, flag, strict=False):
     unused = sorted(set(state) - set(ours)) + dropped
     bad_missing = [k for k in missing if strict or not k.startswith(model.new_keys)]
     if wrong or bad_missing or (strict and unused):
-        found = (checkpoint.get("args") or {}).get("model")
+        saved = checkpoint.get("args") or {}                            # ours: a dict; official scripts: Namespace
+        found = saved.get("model") if isinstance(saved, dict) else getattr(saved, "model", None)
         looks = f"{found}'s weights" if found else describe(raw)
         detail = f"other shapes: {summarize(wrong)}" if wrong else f"missing: {summarize(bad_missing or unused)}"
         sys.exit(f"error: {flag} does not fit this classifier ({describe(ours)}): it holds {looks}; {detail}")
@@ -606,19 +608,22 @@ def check_args(args):
     for flag, value in recipe.items():
         if getattr(args, flag, None) is None:
             setattr(args, flag, value)
-    for flag, low in (("epochs", 1), ("batch_size", 1), ("accum_iter", 1), ("save_every", 1), ("log_every", 1),
-                      ("builtin_images", 1), ("warmup_epochs", 0), ("num_workers", 0)):
-        if getattr(args, flag) < low:
-            sys.exit(f"error: --{flag} must be at least {low}, got {getattr(args, flag)}")
-    for flag in ("drop_path", "smoothing", "reprob"):
-        if not 0.0 <= getattr(args, flag) < 1.0:
-            sys.exit(f"error: --{flag} must be in [0, 1), got {getattr(args, flag)}")
-    if not 0 <= args.randaug <= 10:
-        sys.exit(f"error: --randaug must be in 0..10, got {args.randaug}")
-    if not 0.0 < args.layer_decay <= 1.0:
-        sys.exit(f"error: --layer_decay must be in (0, 1], got {args.layer_decay}")
+    for allowed, ok, flags in (("at least 1", lambda v: v >= 1, ("epochs", "batch_size", "accum_iter", "save_every",
+                                                                 "log_every", "builtin_images")),
+                               ("at least 0", lambda v: v >= 0, ("warmup_epochs", "num_workers", "blr", "lr", "min_lr",
+                                                                 "weight_decay", "clip_grad", "mixup", "cutmix")),
+                               ("in [0, 1)", lambda v: 0 <= v < 1, ("drop_path", "smoothing", "reprob")),
+                               ("in (0, 1]", lambda v: 0 < v <= 1, ("layer_decay",)),
+                               ("in 0..10", lambda v: 0 <= v <= 10, ("randaug",))):
+        for flag in flags:                                              # None: a default computed later
+            value = getattr(args, flag)
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                sys.exit(f"error: --{flag} must be a finite number {allowed}, got {value}")
     if args.eval and not os.path.isfile(args.resume):
         sys.exit(f"error: --eval needs --resume CKPT, a fine-tuned checkpoint (official or ours); got '{args.resume}'")
+    if args.data and os.path.isdir(args.data) and not os.path.isdir(os.path.join(args.data, "val")):
+        sys.exit(f"error: --data {args.data} has no val/ folder; fine-tuning reads DIR/train/<class>/* and evaluates "
+                 f"on DIR/val/<class>/* (ImageNet's flat val folder: sort it into class folders, README shows how)")
     if args.finetune and not os.path.isfile(args.finetune):
         sys.exit(f"error: --finetune {args.finetune}: no such file")
     kw = METHODS[MODELS[args.model]].MODELS[args.model].keywords
@@ -636,7 +641,9 @@ def check_args(args):
 def read_checkpoint(path, flag, mmap=False):
     """The dict in a checkpoint file that exists, or a one-line error. mmap: the tensors are mapped, not read."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return load_checkpoint(path, mmap)
+    except pickle.UnpicklingError as e:                                 # it would run code: names what
+        sys.exit(f"error: {flag} {e}")
     except Exception as e:
         sys.exit(f"error: {flag} {path}: not a readable checkpoint ({type(e).__name__})")
 
@@ -660,8 +667,6 @@ def data(args, rank, world_size, log):
         sys.exit(f"error: {e}")
     if loader is not None and len(loader) < args.accum_iter:
         sys.exit(f"error: --accum_iter {args.accum_iter} exceeds the {len(loader)} batches per epoch; lower it")
-    if args.data is not None and not os.path.isdir(os.path.join(args.data, "val")):
-        log(f"warning: --data {args.data} has no val/ folder; evaluating on the training images")
     val_share = Transformed(val_images, eval_transform(args.input_size), range(rank, len(val_images), world_size))
     val_loader = DataLoader(val_share, args.batch_size, num_workers=args.num_workers,
                             pin_memory=torch.cuda.is_available())
@@ -696,7 +701,8 @@ def resume(args, model, optimizer, scaler, world_size, host_group, log):
     path = os.path.join(args.output_dir, "checkpoint-last.pth") if args.resume == "auto" else args.resume
     if path and os.path.isfile(path):
         ckpt = read_checkpoint(path, "--resume", mmap=True)
-        saved = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
+        saved = ckpt.get("args") if isinstance(ckpt, dict) else None
+        saved = saved if isinstance(saved, dict) else {}                # ours save a dict; official scripts args
         mode = {True: "linprobe", False: "finetune"}.get(saved.get("linprobe"), "pre-training")   # ours save it
         found = f"{saved.get('model', 'no model name')} {mode}"
         want = f"{args.model} {'linprobe' if args.linprobe else 'finetune'}"

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torchvision.ops import stochastic_depth
 from torchvision.utils import save_image
 
-from common import (BILINEAR, IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_images, pretrain_loader, pretrain_transform,
-                    set_lr)
+from common import (BILINEAR, IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_checkpoint, load_images, pretrain_loader,
+                    pretrain_transform, set_lr)
 
 # Conventions: N batch, L mask units (s x s px), T encoder tokens (patches of p x p px), D width,
 # p encoder patch size, s mask patch size. mask: 1 = hidden, 0 = visible. Parameter names follow
@@ -447,7 +447,7 @@ def load_pretrained(model, checkpoint):
     One without the prediction head (`decoder.*`) loads too: every encoder key must match, and
     the names of the absent head keys are returned (they keep their fresh init).
     """
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True) if isinstance(checkpoint, str) else checkpoint
+    state = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
     state = state.get("model", state)
     ours = model.state_dict()
     unexpected = sorted(set(state) - set(ours))
@@ -510,12 +510,17 @@ def check_args(args):
     """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts."""
     if args.model not in MODELS:
         sys.exit(f"error: --model {args.model} is unknown; choose one of: {', '.join(MODELS)}")
-    for flag, low in (("epochs", 1), ("batch_size", 1), ("accum_iter", 1), ("save_every", 1), ("log_every", 1),
-                      ("builtin_images", 1), ("warmup_epochs", 0), ("num_workers", 0)):
-        if getattr(args, flag) < low:
-            sys.exit(f"error: --{flag} must be at least {low}, got {getattr(args, flag)}")
-    if not 0.0 < args.mask_ratio < 1.0:
-        sys.exit(f"error: --mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    for allowed, ok, flags in (("at least 1", lambda v: v >= 1, ("epochs", "batch_size", "accum_iter", "save_every",
+                                                                 "log_every", "builtin_images")),
+                               ("at least 0", lambda v: v >= 0, ("warmup_epochs", "num_workers", "blr", "lr", "min_lr",
+                                                                 "warmup_lr", "weight_decay", "clip_grad")),
+                               ("in (0, 1)", lambda v: 0 < v < 1, ("mask_ratio",))):
+        for flag in flags:                                              # None: a default computed later
+            value = getattr(args, flag)
+            if value is not None and not (math.isfinite(value) and ok(value)):
+                sys.exit(f"error: --{flag} must be a finite number {allowed}, got {value}")
+    if any(epoch < 0 for epoch in args.milestones):
+        sys.exit(f"error: --milestones are epochs, each at least 0; got {' '.join(map(str, args.milestones))}")
     defaults = MODELS[args.model].keywords
     unit = defaults.get("mask_patch_size", 32)                          # the mask's grid, in pixels
     args.input_size = defaults["img_size"] if args.input_size is None else args.input_size

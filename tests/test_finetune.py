@@ -456,9 +456,10 @@ def test_sigkill_then_resume_and_sigterm_then_resume_are_bit_identical(tmp_path)
 # --- bad input: one line naming the culprit, no traceback ---
 
 def bad_cases(tmp_path, pretrained):
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    Image.new("RGB", (32, 32)).save(flat / "a.png")
+    flat, no_val = tmp_path / "flat", tmp_path / "no_val"
+    for folder in (flat / "train", flat / "val", no_val / "train" / "cat"):
+        folder.mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(folder / "a.png")
     torch.save({"model": {"w": torch.zeros(1)}, "args": {"model": "mae_vit_tiny"}}, tmp_path / "odd.pth")
     return [
         (["--model", "mae_vit_nano"], "--model mae_vit_nano is unknown"),
@@ -468,8 +469,14 @@ def bad_cases(tmp_path, pretrained):
         (["--layer_decay", 0], "--layer_decay"),
         (["--reprob", 1.5], "--reprob"),
         (["--randaug", 11], "--randaug"),
+        (["--mixup", -0.8], "--mixup must be a finite number at least 0, got -0.8"),
+        (["--cutmix", "nan"], "--cutmix"),
+        (["--blr", "inf"], "--blr"),
+        (["--weight_decay", -1], "--weight_decay"),
+        (["--drop_path", "nan"], "--drop_path must be a finite number in [0, 1)"),
         (["--epochs", 0], "--epochs"),
         (["--data", flat], "no class folders"),
+        (["--data", no_val], f"--data {no_val} has no val/ folder; fine-tuning reads DIR/train/<class>/*"),
         (["--data", tmp_path / "missing"], "no such folder"),
         (["--resume", pretrained, "--output_dir", tmp_path / "o"], "is not a mae_vit_tiny finetune checkpoint"),
         (["--finetune", tmp_path / "odd.pth"], "does not fit"),

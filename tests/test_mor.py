@@ -378,7 +378,10 @@ def bad_cases(tmp_path, tiny):
         ([*tiny, "--teacher_dino", wrong_grid], "returns 4 tokens: not a square grid that pools onto"),
         ([*tiny, "--mor_branch_depth", 2], "--mor_branch_depth must be 1 to 1"),
         ([*tiny, "--mor_weights", "dino=2"], "--mor_weights dino=2: dino is not a target"),
-        ([*tiny, "--mor_weights", "ema=x"], "--mor_weights ema=x: expected NAME=NUMBER"),
+        ([*tiny, "--mor_weights", "ema=x"], "--mor_weights ema=x: expected NAME=W, W a finite number at least 0"),
+        ([*tiny, "--mor_weights", "ema=-1"], "--mor_weights ema=-1"),
+        ([*tiny, "--mor_weights", "pixel=nan"], "--mor_weights pixel=nan"),
+        ([*tiny, "--ema_momentum", "nan"], "--ema_momentum"),
         ([*tiny, "--ema_momentum", 1.5], "--ema_momentum must be in [0, 1]"),
     ]
 

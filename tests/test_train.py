@@ -190,7 +190,7 @@ def test_weights_that_turn_non_finite_in_the_last_step_of_an_epoch_are_not_saved
     args = [*tiny(m), "--builtin_images", 8, "--batch_size", 8, "--output_dir", tmp_path]   # one step per epoch
     assert run(m.script, *args, "--epochs", 1).returncode == 0
     before = (tmp_path / "checkpoint-last.pth").read_bytes()
-    r = run(m.script, *args, "--epochs", 2, "--resume", "auto", "--lr", "inf")     # an update to infinity
+    r = run(m.script, *args, "--epochs", 2, "--resume", "auto", "--lr", "1e39")    # past fp32's range: inf
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert last_line(r.stderr).startswith("error: the weights are not finite"), r.stderr[-2000:]
     assert (tmp_path / "checkpoint-last.pth").read_bytes() == before
@@ -241,6 +241,13 @@ def _bad_input_cases(m, tmp_path):
         (["--input_size", 30], "--input_size 30"),
         (["--mask_ratio", 1.0], "--mask_ratio"),
         (["--mask_ratio", 0], "--mask_ratio"),
+        (["--mask_ratio", "nan"], "--mask_ratio must be a finite number in (0, 1), got nan"),
+        (["--blr", "nan"], "--blr must be a finite number at least 0, got nan"),
+        (["--lr", "inf"], "--lr must be a finite number at least 0, got inf"),
+        (["--min_lr=-1e-6"], "--min_lr"),
+        (["--weight_decay", -0.05], "--weight_decay must be a finite number at least 0"),
+        (["--clip_grad", -1], "--clip_grad"),
+        (["--warmup_epochs", -1], "--warmup_epochs"),
         (["--resume", tmp_path / "nothing.pth"], "nothing.pth"),
         (["--resume", tmp_path / "base.pth"], m.base),
         (["--resume", tmp_path / "garbage.pth"], "garbage.pth"),
@@ -250,7 +257,8 @@ def _bad_input_cases(m, tmp_path):
     if m.script == "fastconvmae.py":                     # four equal complementary views only
         cases += [(["--mask_ratio", 0.6], "--mask_ratio 0.6"), (["--input_size", 40], "--input_size 40")]
     if m.script == "simmim.py":                          # Swin's windows must tile every stage
-        cases += [(["--model", "simmim_swin_tiny", "--input_size", 40], "--input_size 40")]
+        cases += [(["--model", "simmim_swin_tiny", "--input_size", 40], "--input_size 40"),
+                  (["--warmup_lr=-inf"], "--warmup_lr"), (["--milestones", 5, -1], "--milestones are epochs")]
     return cases
 
 
