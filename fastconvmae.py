@@ -586,7 +586,9 @@ def main(args):
     model_without_ddp = model
     if args.compile:
         model = torch.compile(model)
-    if distributed:
+    if distributed:                                                     # DDP warns on any grad whose strides differ
+        for w in (p for p in model.parameters() if p.requires_grad):   # from the weight's, as 1x1 and depthwise conv
+            w.register_hook(lambda g: g.flatten().view_as(g))           # grads do in size-1 dims: restrided, no copy
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # 5. param groups: no weight decay on biases, norms (1-D) and tokens

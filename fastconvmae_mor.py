@@ -423,7 +423,9 @@ def build_model(args, grid, demo_imgs, device, log):
     model_without_ddp = model
     if args.compile:
         model = torch.compile(model)
-    if dist.is_initialized():
+    if dist.is_initialized():                                           # DDP warns on any grad whose strides differ
+        for w in (p for p in model.parameters() if p.requires_grad):   # from the weight's, as 1x1 and depthwise conv
+            w.register_hook(lambda g: g.flatten().view_as(g))           # grads do in size-1 dims: restrided, no copy
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     ema = ema_teacher(model_without_ddp)                                # after DDP: rank 0's weights everywhere
     return model, model_without_ddp, ema, teachers

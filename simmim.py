@@ -666,20 +666,19 @@ def main(args):
     # 2. seed: per rank, for what is drawn outside the data pipeline (model init: DDP copies rank 0's)
     torch.manual_seed(args.seed + rank)
 
-    # 3. data: batches of (imgs [B, 3, H, W], noise [B, L]), L mask units. The data set is indexed by (epoch, i) and
-    # draws each sample's crop, flip and masking noise from a stream seeded by (seed, epoch, i): the same samples
-    # whatever the number of processes, and `sampler.skip_batches` resumes mid-epoch on exactly the batches to come.
+    # 3. data: batches of (imgs [B, 3, H, W], noise [B, L]), SimMIM's crop (data_simmim.py). The data set is indexed
+    # by (epoch, i) and draws each sample's crop, flip and masking noise from a stream seeded by (seed, epoch, i): the
+    # same samples whatever the number of processes, and `sampler.skip_batches` resumes mid-epoch on the very batches.
     try:                                                                # the run's first write: fails early
         os.makedirs(args.output_dir, exist_ok=True)
         log_file = open(os.path.join(args.output_dir, "log.jsonl") if is_main else os.devnull, "a")
     except OSError as e:
         sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
     L = (args.input_size // MODELS[args.model].keywords.get("mask_patch_size", 32)) ** 2
-    transform = pretrain_transform(args.input_size, scale=(0.67, 1.0), interpolation=BILINEAR)   # data_simmim.py
     try:
         images = load_images(args.data, "train", args.input_size, args.builtin_images)
         loader = pretrain_loader(images, args.input_size, args.batch_size, L, args.seed, rank, world_size,
-                                 args.num_workers, transform)
+                                 args.num_workers, pretrain_transform(args.input_size, (0.67, 1.0), BILINEAR))
         demo = [loader.dataset[(0, i)] for i in range(0, len(images), max(len(images) // 8, 1))][:8]
     except ValueError as e:
         sys.exit(f"error: {e}")
@@ -694,7 +693,9 @@ def main(args):
     model_without_ddp = model
     if args.compile:
         model = torch.compile(model)
-    if distributed:
+    if distributed:                                                     # DDP warns on any grad whose strides differ
+        for w in (p for p in model.parameters() if p.requires_grad):   # from the weight's, as 1x1 and depthwise conv
+            w.register_hook(lambda g: g.flatten().view_as(g))           # grads do in size-1 dims: restrided, no copy
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # 5. param groups: no weight decay on biases, norms (1-D) and tokens
