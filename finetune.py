@@ -18,6 +18,7 @@ official fine-tuned checkpoints load with strict=True:
 The defaults are each method's published fine-tuning recipe (RECIPES): layer-wise lr decay by the method's own
 layer-id rule, drop path, AdamW, warmup + cosine, MixUp/CutMix, label smoothing, RandAugment, random erasing.
 --linprobe is MAE's linear-probing protocol: frozen encoder, BatchNorm without affine, linear head, LARS.
+--knn trains nothing: DINO's weighted k-NN accuracy on the probe's frozen features (k 20, T 0.07).
 Without --finetune the same classifier trains from scratch: the baseline that pre-training is measured against.
 """
 import argparse
@@ -515,24 +516,49 @@ def mix_and_smooth(mixup, cutmix, smoothing, num_classes):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, autocast, distributed):
-    """Top-1 and top-5 accuracy (%) over the whole evaluation set (each rank holds a disjoint share)."""
+def evaluate(model, loader, device, autocast, distributed, classify=None):
+    """Top-1 and top-5 accuracy (%) of classify(imgs) (the model's logits) over all ranks' disjoint shares."""
     model.eval()
     counts = torch.zeros(3, device=device, dtype=torch.float64)        # top-1 hits, top-5 hits, images
     for imgs, labels in loader:
-        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast:
-            logits = model(imgs)
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        counts += torch.stack([(top[:, 0] == labels).sum(), (top == labels[:, None]).any(dim=1).sum(),
-                               torch.tensor(len(labels), device=device)]).double()
+            scores = (classify or model)(imgs.to(device, non_blocking=True))
+        hits = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels.to(device)[:, None]   # [N, 5]
+        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(hits), device=device)])
     if distributed:
         dist.all_reduce(counts)
     model.train()
     return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
 
 
+@torch.no_grad()
+def knn(model, train_images, val_loader, num_classes, device, rank, world_size, log_file, k=20, T=0.07):
+    """DINO's weighted k-NN (eval_knn.py) on the probe's frozen features, in fp32: the k training images most
+    cosine-similar to a validation image vote for their labels with weight exp(similarity / T). Top-1, top-5 (%)."""
+    model.eval()
+    share = Transformed(train_images, val_loader.dataset.transform, range(rank, len(train_images), world_size))
+    batches = DataLoader(share, val_loader.batch_size, num_workers=val_loader.num_workers)
+    bank, labels = (torch.cat(t) for t in zip(*[(model.forward_features(x.to(device)).cpu(), y) for x, y in batches]))
+    if world_size > 1:                                                  # all ranks' shares, of any sizes
+        shares = [None] * world_size
+        dist.all_gather_object(shares, (bank, labels))
+        bank, labels = (torch.cat(t) for t in zip(*shares))
+    bank, labels = F.normalize(bank.to(device), dim=1), labels.to(device)   # [train images, D], [train images]
+
+    def vote(imgs):                                                     # -> class scores [N, classes]
+        sim, nearest = (F.normalize(model.forward_features(imgs), dim=1) @ bank.T).topk(min(k, len(bank)), dim=1)
+        return torch.zeros(len(imgs), num_classes, device=device).scatter_add_(1, labels[nearest], (sim / T).exp())
+    acc1, acc5 = evaluate(model, val_loader, device, nullcontext(), world_size > 1, classify=vote)
+    print(json.dumps({"knn_acc1": acc1, "knn_acc5": acc5}), file=log_file, flush=True)
+    return acc1, acc5
+
+
 # --- LARS (MAE util/lars.py, for the linear probe) ---
+def scaled_lr(blr, eff_batch, linprobe):
+    """blr x eff_batch / 256; the linear probe below MAE's batch 16384: blr x sqrt(16384 x eff_batch) / 256 (--blr)."""
+    return blr * (max(eff_batch, math.sqrt(16384 * eff_batch)) if linprobe else eff_batch) / 256
+
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum whose step, for weights (ndim > 1), includes weight decay and is rescaled
     by trust_coefficient * |w| / |step| (You et al. 2017); 1-D parameters take plain SGD steps."""
@@ -548,12 +574,9 @@ class LARS(torch.optim.Optimizer):
                 d = p.grad
                 if p.ndim > 1:
                     d = d.add(p, alpha=g["weight_decay"])
-                    w_norm, d_norm = torch.norm(p), torch.norm(d)
-                    trust = torch.where((w_norm > 0) & (d_norm > 0), g["trust_coefficient"] * w_norm / d_norm, 1.0)
-                    d = d * trust
-                if not self.state[p]:
-                    self.state[p]["mu"] = torch.zeros_like(p)
-                mu = self.state[p]["mu"].mul_(g["momentum"]).add_(d)
+                    w_norm, d_norm = p.norm(), d.norm()
+                    d = d * torch.where((w_norm > 0) & (d_norm > 0), g["trust_coefficient"] * w_norm / d_norm, 1.0)
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p)).mul_(g["momentum"]).add_(d)
                 p.add_(mu, alpha=-g["lr"])
 
 
@@ -565,6 +588,7 @@ def get_args(argv=None):
     p.add_argument("--finetune", default="", help="pre-trained checkpoint (official or ours); none: from scratch")
     p.add_argument("--linprobe", action="store_true", help="linear probe: frozen encoder, BN + linear head, LARS")
     p.add_argument("--eval", action="store_true", help="only evaluate --resume (e.g. an official fine-tuned file)")
+    p.add_argument("--knn", action="store_true", help="k-NN on the frozen features (DINO eval_knn: k=20, T=0.07)")
     p.add_argument("--data", default=None, help="DIR/train/<class>/* and DIR/val/<class>/*; none: the built-in data")
     p.add_argument("--builtin_images", type=int, default=4096, help="training images of the built-in data set")
     p.add_argument("--input_size", type=int, default=None, help="image size; default: the recipe's (pre-training size)")
@@ -573,7 +597,8 @@ def get_args(argv=None):
     p.add_argument("--warmup_epochs", type=int, default=None, help=recipe)
     p.add_argument("--batch_size", type=int, default=None, help=f"per process; {recipe}")
     p.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--blr", type=float, default=None, help=f"lr = blr x effective batch / 256; {recipe}")
+    p.add_argument("--blr", type=float, default=None, help=f"lr = blr x effective batch B / 256; --linprobe "
+                   f"below MAE's B=16384: blr x sqrt(16384 B) / 256 (at B / 256 LARS barely moves); {recipe}")
     p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
     p.add_argument("--min_lr", type=float, default=None, help=recipe)
     p.add_argument("--weight_decay", type=float, default=None, help=recipe)
@@ -596,6 +621,7 @@ def get_args(argv=None):
     p.add_argument("--save_every", type=int, default=20, help="keep a copy of the checkpoint every N epochs")
     p.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
     args = p.parse_args(argv)
+    args.linprobe = args.linprobe or args.knn                           # k-NN reads the probe's features
     check_args(args)
     return args
 
@@ -735,16 +761,18 @@ def main(args):
         sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
     classes, loader, mix, val_loader = data(args, rank, world_size, log)
 
-    # 4. model: the classifier and its weights; optionally compile; --eval evaluates here and ends; DDP
+    # 4. model: the classifier and its weights; optionally compile; --eval and --knn evaluate here and end; DDP
     model = build_model(args, len(classes), log).to(device)
     model_without_ddp = model
     if args.compile:
         model = torch.compile(model)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
                 if amp != "none" else nullcontext())
-    if args.eval:
-        acc1, acc5 = evaluate(model, val_loader, device, autocast, distributed)
-        log(f"{args.resume}: top-1 {acc1:.2f} % | top-5 {acc5:.2f} % on {len(val_loader.dataset.images)} images")
+    if args.eval or args.knn:
+        acc1, acc5 = (knn(model, loader.dataset.images, val_loader, len(classes), device, rank, world_size, log_file)
+                      if args.knn else evaluate(model, val_loader, device, autocast, distributed))
+        log(f"{'k-NN, ' * args.knn}{args.resume or args.finetune or 'random weights'}: top-1 {acc1:.2f} % | "
+            f"top-5 {acc5:.2f} % on {len(val_loader.dataset.images)} images")
         if distributed:
             dist.destroy_process_group()
         return
@@ -758,7 +786,7 @@ def main(args):
 
     # 6. optimizer: lr = blr x eff_batch / 256; AdamW, or LARS for the linear probe (MAE §A.1)
     eff_batch = args.batch_size * args.accum_iter * world_size
-    args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    args.lr = args.lr if args.lr is not None else scaled_lr(args.blr, eff_batch, args.linprobe)
     optimizer = LARS(groups) if args.linprobe else torch.optim.AdamW(groups, lr=args.lr, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
     log(f"{args.model} {'linear probe' if args.linprobe else 'fine-tune'} | {len(classes)} classes | "
@@ -776,7 +804,6 @@ def main(args):
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
 
     # 9. loop: one optimizer step per accum_iter micro-batches; an evaluation after each epoch
-    model.train()
     stopping = False
     while epoch < args.epochs and not stopping:
         loader.sampler.set_epoch(epoch)

@@ -1,5 +1,5 @@
 """finetune.py: the classifier of every method, checkpoint loading, layer-decay ids, interpolation,
-the linear probe, MixUp/CutMix, evaluation, and the loop (DDP, resume, bad input)."""
+the linear probe and its lr rule, MixUp/CutMix, evaluation, k-NN, and the loop (DDP, resume, bad input)."""
 import math
 import signal
 
@@ -9,7 +9,7 @@ import torch.nn as nn
 from PIL import Image
 
 import finetune as ft
-from common import ImageFiles
+from common import ImageFiles, cosine_lr, load_images, set_lr
 from helpers import (assert_same_weights, kill, last_line, log_lines, one_line_error_failures, run, start,
                      vit_block_keys, wait_for, weights)
 
@@ -340,6 +340,50 @@ def test_lars_step_equals_its_formula():
     assert torch.allclose(pb, b - 0.5 * gb - 0.5 * (0.9 * gb + gb))
 
 
+def separable_features(n, seed):
+    """n features [n, 192] of 10 classes: a class mean (std 0.4 per dimension; the same for every seed) plus unit
+    noise, off-centre by 3 (the probe's BatchNorm removes that): a linear classifier can get over 95 % right."""
+    means = torch.randn(10, 192, generator=torch.Generator().manual_seed(0)) * 0.4
+    labels = torch.arange(n) % 10
+    return means[labels] + torch.randn(n, 192, generator=torch.Generator().manual_seed(seed)) + 3.0, labels
+
+
+def train_probe(lr, batch, epochs=20):
+    """The probe as main trains it (make_linear_probe's head, its param groups, LARS, 2 warmup epochs + cosine set
+    per step) on 2048 separable features; returns the last epoch's mean loss and top-1 (%) on 1000 others."""
+    torch.manual_seed(0)
+    model = ft.build_classifier("mae_vit_tiny", 10, linprobe=True)
+    model.make_linear_probe()
+    optimizer = ft.LARS(model.param_groups(0.0, 1.0))
+    x, y = separable_features(2048, seed=1)
+    steps = len(x) // batch
+    for epoch in range(epochs):
+        order, loss_sum = torch.randperm(len(x)), 0.0
+        for i in range(steps):
+            set_lr(optimizer, cosine_lr(epoch + i / steps, lr, 0.0, 2, epochs))
+            batch_ids = order[i * batch:(i + 1) * batch]
+            loss = nn.functional.cross_entropy(model.head(x[batch_ids]), y[batch_ids])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            loss_sum += loss.detach()
+    x_val, y_val = separable_features(1000, seed=2)
+    model.head.eval()
+    with torch.no_grad():
+        return loss_sum.item() / steps, 100 * (model.head(x_val).argmax(dim=1) == y_val).float().mean().item()
+
+
+def test_probe_lr_rule_is_maes_at_batch_16384_and_at_batch_64_the_probe_learns():
+    assert ft.scaled_lr(0.1, 16384, linprobe=True) == pytest.approx(6.4)        # main_linprobe.py: 0.1 x 16384 / 256
+    assert ft.scaled_lr(0.1, 32768, linprobe=True) == pytest.approx(12.8)       # above: MAE's linear rule
+    assert ft.scaled_lr(5e-4, 64, linprobe=False) == pytest.approx(1.25e-4)     # fine-tuning: linear at any batch
+    assert ft.scaled_lr(0.1, 64, linprobe=True) == pytest.approx(0.4)           # 0.1 x sqrt(16384 x 64) / 256
+    loss, acc = train_probe(0.1 * 64 / 256, 64)                                 # the linear rule: lr 0.025
+    assert loss > 2.2 and acc < 30, (loss, acc)                                 # LARS barely moves the head
+    loss, acc = train_probe(ft.scaled_lr(0.1, 64, linprobe=True), 64)
+    assert loss < 1.9 and acc > 80, (loss, acc)
+
+
 @pytest.mark.parametrize("mixup, cutmix", [(0.8, 1.0), (0.8, 0.0), (0.0, 1.0)])
 def test_mixup_and_cutmix_targets_are_distributions(mixup, cutmix):
     torch.manual_seed(0)
@@ -416,8 +460,11 @@ def test_finetune_run_logs_accuracy_and_eval_of_its_checkpoint_agrees(pretrained
 
 
 def test_linprobe_run_keeps_the_pretrained_encoder_bit_identical(pretrained, tmp_path):
-    r = run("finetune.py", *ft_args("--epochs", 1, "--linprobe", "--finetune", pretrained, "--output_dir", tmp_path))
+    args = ft_args("--epochs", 1, "--linprobe", "--finetune", pretrained, "--output_dir", tmp_path)
+    del args[args.index("--lr"):args.index("--lr") + 2]                         # the lr from --blr's rule
+    r = run("finetune.py", *args)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "eff. batch 8 = 8 x 1 x 1 | lr 0.141 |" in r.stdout                  # 0.1 x sqrt(16384 x 8) / 256
     pre, probe = weights(pretrained), weights(tmp_path / "checkpoint-last.pth")
     encoder = [k for k in probe if not k.startswith("head.")]
     assert len(encoder) > 40 and all(torch.equal(probe[k], pre[k]) for k in encoder)
@@ -451,6 +498,57 @@ def test_sigkill_then_resume_and_sigterm_then_resume_are_bit_identical(tmp_path)
         r = run("finetune.py", *args, "--output_dir", out, "--resume", "auto")
         assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
         assert_same_weights(weights(out / "checkpoint-last.pth"), whole)
+
+
+def probe_features(model, split, n):
+    """The features [n, D] and labels [n] of the built-in split's first n images, evaluation transform."""
+    images, transform = load_images(None, split, 32, n), ft.eval_transform(32)
+    with torch.no_grad():
+        imgs = torch.stack([transform(images[i][0]) for i in range(n)])
+        return model.forward_features(imgs), torch.tensor([images[i][1] for i in range(n)])
+
+
+def hand_knn(train, val, k=20, T=0.07, weighted=True):
+    """DINO's k-NN written out: each validation feature's k training features of largest cosine similarity vote
+    for their labels, exp(similarity / T) each (1 if not weighted). Returns top-1 %, top-5 % and how many images
+    have a top-5 that depends on the order of ties (the true class without votes, fewer than 5 classes with)."""
+    (f_train, y_train), (f_val, y_val) = train, val
+    sims = nn.functional.normalize(f_val.double(), dim=1) @ nn.functional.normalize(f_train.double(), dim=1).T
+    top1 = top5 = ties = 0
+    for row, label in zip(sims.tolist(), y_val.tolist()):
+        score = [0.0] * 10
+        for j in sorted(range(len(row)), key=lambda j: -row[j])[:k]:
+            score[y_train[j]] += math.exp(row[j] / T) if weighted else 1.0
+        ranked = sorted(range(10), key=lambda c: -score[c])
+        top1 += ranked[0] == label
+        top5 += label in ranked[:5]
+        ties += score[label] == 0 and sum(s > 0 for s in score) < 5
+    return 100 * top1 / len(y_val), 100 * top5 / len(y_val), ties
+
+
+@pytest.mark.parametrize("processes, train_images", [(1, 400), (2, 401)])     # 2: shares of 201 and 200 images
+def test_knn_logs_the_weighted_vote_of_the_20_nearest_training_images_as_by_hand(processes, train_images, tmp_path):
+    """--knn's log line equals DINO's rule written out on the same checkpoint's features; under torchrun, where
+    each rank embeds a share of unequal size, too. The images are such that a wrong k, T or weighting shows."""
+    ckpt, out = tmp_path / "pre.pth", tmp_path / "knn"
+    torch.save(pretraining_checkpoint("mae_vit_tiny", seed=1), ckpt)
+    argv = ["--model", "mae_vit_tiny", "--knn", "--finetune", ckpt, "--builtin_images", train_images, "--batch_size",
+            32, "--num_workers", 0, "--output_dir", out]
+    if processes == 1:
+        ft.main(ft.get_args([str(a) for a in argv]))                          # in this process: seconds
+    else:
+        r = run("finetune.py", *argv, torchrun=processes)
+        assert r.returncode == 0, r.stderr[-3000:]
+    (logged,) = log_lines(out)
+    model = ft.build_classifier("mae_vit_tiny", 10, linprobe=True)           # the probe's: cls token after norm
+    ft.load_weights(model, torch.load(ckpt, weights_only=True), "--finetune x")
+    model.eval()
+    train, val = probe_features(model, "train", train_images), probe_features(model, "val", train_images // 4)
+    top1, top5, ties = hand_knn(train, val)
+    assert ties == 0
+    assert logged == {"knn_acc1": pytest.approx(top1), "knn_acc5": pytest.approx(top5)}
+    for wrong in ({"weighted": False}, {"k": 10}, {"k": 21}, {"T": 0.5}):    # on these images, other numbers
+        assert hand_knn(train, val, **wrong)[:2] != (top1, top5), wrong
 
 
 # --- bad input: one line naming the culprit, no traceback ---
