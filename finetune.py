@@ -776,7 +776,9 @@ def main(args):
         if distributed:
             dist.destroy_process_group()
         return
-    if distributed:
+    if distributed:                                                     # DDP warns on any grad whose strides differ
+        for w in (p for p in model.parameters() if p.requires_grad):   # from the weight's, as 1x1 and depthwise conv
+            w.register_hook(lambda g: g.flatten().view_as(g))           # grads do in size-1 dims: restrided, no copy
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     batches_per_epoch = len(loader) // args.accum_iter * args.accum_iter   # whole optimizer steps only
     steps_per_epoch = batches_per_epoch // args.accum_iter
