@@ -699,9 +699,9 @@ def data(args, rank, world_size, log):
     return classes, loader, mix_and_smooth(args.mixup, args.cutmix, args.smoothing, len(classes)), val_loader
 
 
-def build_model(args, num_classes, log):
-    """The classifier and its first weights: --finetune's encoder, --eval's fine-tuned checkpoint (strict),
-    or the official fine-tuning init (from scratch); for --linprobe, the probe's head."""
+def build_model(args, num_classes, device, log):
+    """The classifier and its first weights, on `device`: --finetune's encoder, --eval's fine-tuned checkpoint
+    (strict), or the official fine-tuning init (from scratch); for --linprobe, the probe's head."""
     try:
         model = build_classifier(args.model, num_classes, args.input_size, args.drop_path, args.linprobe,
                                  args.window_size, args.layer_decay_type)
@@ -718,6 +718,10 @@ def build_model(args, num_classes, log):
         model.make_linear_probe()
     if args.eval:
         load_weights(model, read_checkpoint(args.resume, "--resume"), f"--resume {args.resume}", strict=True)
+    model = model.to(device)
+    if dist.is_initialized():                                           # DDP warns on any grad whose strides differ
+        for w in (p for p in model.parameters() if p.requires_grad):   # from the weight's, as 1x1 and depthwise conv
+            w.register_hook(lambda g: g.flatten().view_as(g))           # grads do in size-1 dims: restrided, no copy
     return model
 
 
@@ -762,7 +766,7 @@ def main(args):
     classes, loader, mix, val_loader = data(args, rank, world_size, log)
 
     # 4. model: the classifier and its weights; optionally compile; --eval and --knn evaluate here and end; DDP
-    model = build_model(args, len(classes), log).to(device)
+    model = build_model(args, len(classes), device, log)
     model_without_ddp = model
     if args.compile:
         model = torch.compile(model)
@@ -776,9 +780,7 @@ def main(args):
         if distributed:
             dist.destroy_process_group()
         return
-    if distributed:                                                     # DDP warns on any grad whose strides differ
-        for w in (p for p in model.parameters() if p.requires_grad):   # from the weight's, as 1x1 and depthwise conv
-            w.register_hook(lambda g: g.flatten().view_as(g))           # grads do in size-1 dims: restrided, no copy
+    if distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     batches_per_epoch = len(loader) // args.accum_iter * args.accum_iter   # whole optimizer steps only
     steps_per_epoch = batches_per_epoch // args.accum_iter
