@@ -7,11 +7,10 @@ their pixels (MSE on normalised patches, as MAE).
 
 Paper: Woo et al., "ConvNeXt V2: Co-designing and Scaling ConvNets with Masked Autoencoders",
 CVPR 2023, https://arxiv.org/abs/2301.00808. Official code: https://github.com/facebookresearch/ConvNeXt-V2.
-The official encoder runs on MinkowskiEngine (sparse convolution, CUDA-only). The paper notes
-that sparse convolution equals dense convolution with the mask re-applied; this file is that
-dense version, exactly equivalent on visible positions (tests/test_convnextv2_fcmae.py shows it
-against a reference that computes visible positions only), and it loads the official sparse
-checkpoints by converting their layout.
+The official encoder runs on MinkowskiEngine (sparse convolution, CUDA-only). Here plain PyTorch computes
+the same on the visible units only, cut out as tiles; the depthwise convolutions see them pasted on zeros, as
+a sparse convolution sees absent sites (tests/test_convnextv2_fcmae.py checks it against a reference written
+over the list of visible sites). It loads the official sparse checkpoints by converting their layout.
 Copy it with common.py and it runs as it does here; inside a package, make the `from common import` line
 relative. The model needs only torch, torchvision's stochastic_depth and common's patchify/unpatchify.
 
@@ -40,8 +39,27 @@ from torchvision.utils import save_image
 from common import (IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_checkpoint, load_images, patchify, pretrain_loader,
                     set_lr, unpatchify)
 
-# Conventions: N batch, L mask units (32x32 patches), C width, p = 32. mask: 1 = hidden, 0 = visible.
-# Feature maps are [N, C, H, W] between blocks (channels-last inside them, as the official dense code).
+# Conventions: N batch, L mask units (32x32 patches), C width, p = 32. mask: 1 = hidden, 0 = visible. Maps are
+# [N, C, H, W] between blocks (channels-last inside them, as the official dense code); in masked pre-training the
+# visible units' tiles [N*L_keep, C, s, s] (s = 8, 4, 2, 1 at stages 0-3), channels-last in memory for the linears.
+
+
+# --- the visible units as tiles (FCMAE §3: the encoder sees the visible pixels only) ---
+def cut_tiles(x, ids, grid):
+    """The tiles of units `ids` [N, K] of a g x g unit grid: x [N, C, g*s, g*s] -> [N*K, C, s, s]."""
+    N, C, H, W = x.shape
+    x = x.permute(0, 2, 3, 1).reshape(N, grid, H // grid, grid, W // grid, C)   # [N, g, s, g, s, C]
+    tiles = x[torch.arange(N, device=x.device)[:, None], ids // grid, :, ids % grid]   # [N, K, s, s, C]
+    return tiles.flatten(0, 1).permute(0, 3, 1, 2)
+
+
+def paste_tiles(tiles, ids, grid):
+    """cut_tiles undone: tiles [N*K, C, s, s] in place on a zero canvas [N, C, g*s, g*s] (hidden units: 0)."""
+    (N, K), (C, s) = ids.shape, tiles.shape[1:3]
+    canvas = tiles.new_zeros(N, grid, s, grid, s, C)
+    canvas[torch.arange(N, device=ids.device)[:, None], ids // grid, :, ids % grid] = \
+        tiles.permute(0, 2, 3, 1).unflatten(0, (N, K))
+    return canvas.view(N, grid * s, grid * s, C).permute(0, 3, 1, 2)
 
 
 # --- ConvNeXt V2 blocks (names as the official dense convnextv2.py) ---
@@ -54,20 +72,17 @@ class LayerNorm2d(nn.LayerNorm):
 
 class GRN(nn.Module):
     """Global Response Normalisation (ConvNeXt V2 §4): each channel's L2 norm over space, divided by its mean
-    over channels, rescales the features: x + gamma * (x * Nx) + beta. With `visible` [N, H, W, 1] it is the
-    official sparse GRN (MinkowskiGRN), whose norm runs over the visible positions of the whole batch at once,
-    not per image: the FCMAE encoder's rule."""
+    over channels, rescales the features: x + gamma * (x * Nx) + beta. With over_batch, x [N*K, s, s, C] holds
+    the visible tiles of the whole batch and the norm runs over all of them at once, not per image: the official
+    sparse GRN (MinkowskiGRN) of the FCMAE encoder."""
 
     def __init__(self, dim):
         super().__init__()
         self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
-    def forward(self, x, visible=None):                                 # [N, H, W, C]
-        if visible is None:
-            gx = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # [N, 1, 1, C]
-        else:
-            gx = torch.linalg.vector_norm(x * visible, dim=(0, 1, 2), keepdim=True)   # [1, 1, 1, C]
+    def forward(self, x, over_batch=False):                             # [N, H, W, C]
+        gx = torch.linalg.vector_norm(x, dim=(0, 1, 2) if over_batch else (1, 2), keepdim=True)   # [N or 1, 1, 1, C]
         nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
         return self.gamma * (x * nx) + self.beta + x
 
@@ -76,9 +91,9 @@ class Block(nn.Module):
     """ConvNeXt V2 block: 7x7 depthwise conv, LayerNorm, 1x1 up (4C), GELU, GRN, 1x1 down, residual.
     `drop_path` (stochastic depth: a whole sample's branch is zeroed, the others rescaled) is for fine-tuning.
 
-    With `visible` [N, 1, H, W] it computes what the sparse block computes on visible positions: the input is
-    zero at hidden positions (the caller keeps it so), GRN takes its statistics from visible positions only,
-    and the output is zeroed again at hidden positions."""
+    With `units` = (ids [N, K], grid), x is the visible tiles [N*K, C, s, s], and every operator but the depthwise
+    convolution acts per position, on the tiles only (8 C^2 multiply-adds a position: nearly all the FLOPs); the
+    depthwise one (49 C) sees them pasted on a zero canvas: hidden neighbours count 0, as absent sparse sites."""
 
     def __init__(self, dim, drop_path=0.0):
         super().__init__()
@@ -90,22 +105,20 @@ class Block(nn.Module):
         self.pwconv2 = nn.Linear(4 * dim, dim)
         self.drop_path = drop_path
 
-    def forward(self, x, visible=None):                                 # [N, C, H, W]
-        h = self.dwconv(x).permute(0, 2, 3, 1)                          # [N, H, W, C]: channels last
-        h = self.act(self.pwconv1(self.norm(h)))                        # [N, H, W, 4C]
-        h = self.grn(h, None if visible is None else visible.permute(0, 2, 3, 1))
-        h = self.pwconv2(h).permute(0, 3, 1, 2)                         # [N, C, H, W]
-        x = x + stochastic_depth(h, self.drop_path, "row", self.training)
-        return x if visible is None else x * visible
+    def forward(self, x, units=None):                                   # [N, C, H, W] or [N*K, C, s, s]
+        h = self.dwconv(x) if units is None else cut_tiles(self.dwconv(paste_tiles(x, *units)), *units)
+        h = self.act(self.pwconv1(self.norm(h.permute(0, 2, 3, 1))))    # [N, H, W, 4C]: channels last
+        h = self.pwconv2(self.grn(h, over_batch=units is not None)).permute(0, 3, 1, 2)   # [N, C, H, W]
+        n = x.shape[0] if units is None else units[0].shape[0]          # drop path per image, not per tile
+        return x + stochastic_depth(h.unflatten(0, (n, -1)), self.drop_path, "row", self.training).flatten(0, 1)
 
 
 class ConvNeXtV2(nn.Module):
     """The encoder: a 4x4 stem, then four stages of blocks, stages 1-3 each after a 2x2 downsampling.
 
-    forward(imgs, mask) with mask [N, L] (1 = hidden, 32 px units) is the FCMAE encoder: the stem runs densely,
-    hidden positions are zeroed, and from there every position that belongs to a hidden unit stays zero and
-    out of every statistic, as absent sites of the official sparse tensor are. The output [N, C3, H/32, W/32]
-    is zero at hidden units."""
+    forward(imgs, ids_keep) with ids_keep [N, L_keep] (the visible 32 px units, in row-major order) is the FCMAE
+    encoder: the official sparse encoder's numbers, computed on the visible units' tiles only. The output
+    [N, C3, H/32, W/32] is zero at hidden units."""
 
     def __init__(self, in_chans=3, depths=(3, 3, 9, 3), dims=(96, 192, 384, 768), drop_path_rate=0.0):
         super().__init__()
@@ -118,33 +131,23 @@ class ConvNeXtV2(nn.Module):
         self.stages = nn.ModuleList([nn.Sequential(*[Block(dims[i], dpr[sum(depths[:i]) + j])
                                                      for j in range(depths[i])]) for i in range(4)])
 
-    def forward(self, imgs, mask=None):
-        x = self.downsample_layers[0](imgs)                             # [N, C0, H/4, W/4]
-        visible = None
-        if mask is not None:                                            # a 32 px unit is 8 x 8 stem positions
-            g = math.isqrt(mask.shape[1])
-            visible = nn.functional.interpolate((1 - mask).view(-1, 1, g, g), size=x.shape[-2:]).to(x.dtype)
-            x = x * visible
-        for i, stage in enumerate(self.stages):
-            if i > 0:
-                norm, conv = self.downsample_layers[i]
-                x = norm(x)
-                if visible is not None:                                 # LayerNorm of a zero site is its bias
-                    x, visible = x * visible, visible[:, :, ::2, ::2]   # units stay whole: 2x2 windows never mix
-                x = conv(x)
-                if visible is not None:
-                    x = x * visible
+    def forward(self, imgs, ids_keep=None):
+        units = None if ids_keep is None else (ids_keep, imgs.shape[-1] // 32)   # 32: the total stride
+        x = imgs if units is None else cut_tiles(imgs, *units)          # [N*K, 3, 32, 32]: the visible pixels
+        for down, stage in zip(self.downsample_layers, self.stages):
+            x = down(x)                                                 # its strides never cross a 32 px unit
             for blk in stage:
-                x = blk(x, visible)
-        return x
+                x = blk(x, units)                                       # [N, C, H, W] or [N*K, C, s, s]
+        return x if units is None else paste_tiles(x, *units)           # [N, C3, H/32, W/32]
 
 
 # --- masking (ConvNeXt V2 §3: random 32x32 patches, 60 %) ---
 def random_masking(noise, mask_ratio):
     """Keep the L_keep = int(L * (1 - mask_ratio)) units with the smallest noise (fcmae.py's rule).
-    noise [N, L] -> mask [N, L], 1 = hidden."""
+    noise [N, L] -> mask [N, L] (1 = hidden), ids_keep [N, L_keep]: the kept units, in row-major order."""
     len_keep = int(noise.shape[1] * (1 - mask_ratio))
-    return (torch.argsort(torch.argsort(noise, dim=1), dim=1) >= len_keep).float()
+    mask = (torch.argsort(torch.argsort(noise, dim=1), dim=1) >= len_keep).float()
+    return mask, torch.argsort(mask, dim=1, stable=True)[:, :len_keep]
 
 
 # --- the model: sparse-equivalent encoder, one-block decoder with mask tokens, MAE loss ---
@@ -191,14 +194,13 @@ class FCMAE(nn.Module):
         # (the argsort of i.i.d. noise picks every set of L_keep units with the same chance)
         if noise is None:
             noise = torch.randn(imgs.shape[0], self.grid ** 2, device=imgs.device)
-        mask = random_masking(noise, mask_ratio)
-        return self.encoder(imgs, mask), mask
+        mask, ids_keep = random_masking(noise, mask_ratio)
+        return self.encoder(imgs, ids_keep), mask
 
     def forward_decoder(self, latent, mask):
         """latent [N, C3, g, g] -> pred [N, L, p*p*3]: mask tokens at hidden units, one dense block."""
         x = self.proj(latent)                                           # [N, Dd, g, g]
-        hidden = mask.view(-1, 1, self.grid, self.grid).to(x.dtype)
-        x = x * (1 - hidden) + self.mask_token.to(x.dtype) * hidden
+        x = torch.where(mask.view(-1, 1, self.grid, self.grid).bool(), self.mask_token.to(x.dtype), x)
         for blk in self.decoder:
             x = blk(x)
         return self.pred(x).flatten(2).transpose(1, 2)                  # [N, L, p*p*3]
@@ -281,8 +283,7 @@ def load_pretrained(model, checkpoint):
     `norm` and `head` are left out). Returns the keys of `model` the checkpoint did not have."""
     state = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
     state = state.get("model", state)
-    if is_sparse_layout(state):
-        state = from_sparse_layout(state)
+    state = from_sparse_layout(state) if is_sparse_layout(state) else state
     if not any(k.startswith("encoder.") for k in state) and any(k.startswith("stages.") for k in state):
         state = {"encoder." + k: v for k, v in state.items() if not k.startswith(("norm.", "head."))}
     ours = model.state_dict()
@@ -353,9 +354,8 @@ def check_args(args):
     if args.amp == "fp16":         # std-1 init: pred reaches ~1e6 at visible units (outside the loss), proj ~1e5
         sys.exit("error: --amp fp16 overflows with FCMAE's official init (decoder outputs far above fp16's 65504); "
                  "use --amp bf16 or none (the official fp32)")
-    defaults = MODELS[args.model].keywords
     patch = 32                                                          # the mask patch and the total stride
-    args.input_size = defaults.get("img_size", 224) if args.input_size is None else args.input_size
+    args.input_size = MODELS[args.model].keywords.get("img_size", 224) if args.input_size is None else args.input_size
     if args.input_size <= 0 or args.input_size % patch:
         sys.exit(f"error: --input_size {args.input_size} is not a positive multiple of {args.model}'s mask patch size "
                  f"{patch}; try {max(args.input_size // patch, 1) * patch}")

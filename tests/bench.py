@@ -12,6 +12,7 @@ rate, to show how close the step gets to what the hardware does at best.
     python tests/bench.py --amp fp16 --compile --channels_last --batch 64
     python tests/bench.py --official mae=path/to/mae        # side by side with facebookresearch/mae
     python tests/bench.py --models fastconvmae_convvit_base_patch16 --mor --batch 4   # with / without MoR
+    python tests/bench.py --models convnextv2_fcmae_tiny convnextv2_fcmae_base --dense --batch 4
     python tests/bench.py --models convmae_convvit_base_patch16 fastconvmae_convvit_base_patch16 \
         --official convmae=path/to/ConvMAE fastconvmae=path/to/FastConvMAE --batch 4
 
@@ -31,6 +32,10 @@ DINO and CLIP are ViTTeachers of their sizes with random weights (base: ViT-B/16
 projection to 512), since their cost does not depend on the weights. A MoR step includes the
 teachers' forward passes (no gradient) and the EMA update, as the training loop runs them.
 
+--dense adds, for FCMAE models, a row for the dense emulation of its encoder (tests/fcmae_dense.py:
+every position computed, hidden ones zeroed after each operator), with the same weights, timed in
+the same rounds; "vs dense" is its step time divided by ours.
+
 Steps: --warmup untimed steps per model, then --rounds rounds of --steps timed steps, each
 step timed on its own (with torch.cuda.synchronize on CUDA); the table shows the median.
 
@@ -48,6 +53,10 @@ Columns:
   % of matmul peak   achieved / the best rate of large square matmuls (the "matmul peak"
                      line above the table): fp32 on CPU, the amp dtype on CUDA
   vs official        official step ms / our step ms: above 1 means ours is faster
+  vs dense           (--dense) the dense emulation's step ms / ours
+  GFLOP vs sparse ideal   FCMAE: GFLOP per step / what the official sparse encoder computes (its stem
+                     densely, every later operator at the visible sites only): the dense
+                     emulation's count with its blocks and downsamplings scaled by L_keep / L
 """
 import argparse
 import contextlib
@@ -56,6 +65,7 @@ import inspect
 import io
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -72,6 +82,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(TESTS))                              # the repo root: mae.py
 import convmae  # noqa: E402
 import convnextv2_fcmae  # noqa: E402
+import fcmae_dense  # noqa: E402
 import fastconvmae  # noqa: E402
 import fastconvmae_mor  # noqa: E402
 import mae  # noqa: E402
@@ -104,6 +115,7 @@ def get_args(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="timing rounds (alternating with --official)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model before timing")
     p.add_argument("--mor", action="store_true", help="FastConvMAE: add rows with the Mixture of Reconstructors")
+    p.add_argument("--dense", action="store_true", help="FCMAE: add a row for the dense emulation of its encoder")
     p.add_argument("--official", nargs="+", default=[], metavar="METHOD=PATH",
                    help=f"official checkouts to compare with; METHOD is one of {', '.join(METHODS)}")
     args = p.parse_args(argv)
@@ -207,6 +219,7 @@ class Contender:
     scaler: torch.amp.GradScaler
     after_step: Callable = None                 # the MoR EMA update
     gflop: float = 0.0
+    ideal_gflop: float = 0.0                    # FCMAE: the sparse ideal's count
     times_ms: list = field(default_factory=list)
     peak_mb: float = 0.0
 
@@ -291,6 +304,31 @@ def ours_with_mor(name, args, device, external):
     c = make_contender(label, model, loss, fastconvmae_mor.param_groups, args, device, fused=True)
     c.after_step = partial(fastconvmae_mor.update_ema, ema, model, 0.996)
     return c
+
+
+def dense(name, args, device):
+    """FCMAE with the dense emulation of its encoder (tests/fcmae_dense.py): our weights, every position computed."""
+    torch.manual_seed(0)
+    model = fcmae_dense.dense_emulation(name, norm_pix_loss=True)
+    ratio = mask_ratio(name)
+    return make_contender(f"{name} (dense emulation)", model, lambda m, imgs, noise: m(imgs, ratio, noise)[0],
+                          convnextv2_fcmae.param_groups, args, device, fused=True)
+
+
+def sparse_ideal_gflop(name, batch):
+    """FCMAE's GFLOP per forward + backward if its encoder ran as the official sparse one: the stem densely,
+    every later operator at the visible sites only. Counted on the dense emulation (on the meta device: shapes
+    only), whose blocks and downsamplings compute every site: their leaf modules' FLOPs scaled by L_keep / L."""
+    L, size = units_side(name) ** 2, arch(name)["img_size"]
+    with torch.device("meta"):
+        model = fcmae_dense.dense_emulation(name, norm_pix_loss=True)
+        imgs, noise = torch.randn(batch, 3, size, size), torch.rand(batch, L)
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
+        model(imgs, mask_ratio(name), noise)[0].backward()
+    after_stem = sum(sum(ops.values()) for module, ops in counter.get_flop_counts().items()
+                     if re.search(r"\.encoder\.(stages\.\d+\.\d+|downsample_layers\.[123])\.\w+$", module))
+    keep = int(L * (1 - mask_ratio(name))) / L
+    return (counter.get_total_flops() - (1 - keep) * after_stem) / 1e9
 
 
 def official_kwargs(name):
@@ -404,8 +442,11 @@ def bench_model(name, args, device, autocast):
     contenders = [ours(name, args, device)] + ([official(name, args, device)] if with_official else [])
     if args.mor and method(name) == "fastconvmae":
         contenders += [ours_with_mor(name, args, device, external) for external in (False, True)]
+    if args.dense and method(name) == "convnextv2":
+        contenders.append(dense(name, args, device))
+    ideal = sparse_ideal_gflop(name, args.batch) if method(name) == "convnextv2" else 0.0
     for c in contenders:
-        c.gflop = count_gflop(c, imgs, noise, autocast)
+        c.gflop, c.ideal_gflop = count_gflop(c, imgs, noise, autocast), ideal
         if args.compile and c is contenders[0]:                        # the official code runs eager
             c.model = torch.compile(c.model)
         for _ in range(args.warmup):
@@ -443,21 +484,31 @@ def print_header(args, device, peak_dtype, peak, n):
     print(f"matmul peak: {peak:.0f} GFLOP/s ({DTYPE_NAMES[peak_dtype]}, n={n}, threads={threads})\n")
     mem = "peak mem (MB)¹" if device.type == "cuda" else "peak mem (MB, process peak RSS)¹"
     cols = ["model", "device", "dtype", "batch", "img px", "step ms (median)", "img/s", mem,
-            "GFLOP per step", "achieved GFLOP/s", "% of matmul peak"] + (["vs official"] if args.official else [])
+            "GFLOP per step", "achieved GFLOP/s", "% of matmul peak"] + extra_columns(args)
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
 
 
+def extra_columns(args):
+    return ((["vs official"] if args.official else []) + (["vs dense"] if args.dense else [])
+            + (["GFLOP vs sparse ideal"] if any(method(name) == "convnextv2" for name in args.models) else []))
+
+
 def print_rows(contenders, img_size, args, device, dtype, peak):
     ms = [statistics.median(c.times_ms) for c in contenders]
+
+    def vs(suffix):                                                     # the other's step time / ours
+        other = [j for j, o in enumerate(contenders) if o.label.endswith(suffix)]
+        return f"{ms[other[0]] / ms[0]:.2f}x" if other else ""
     for i, c in enumerate(contenders):
         achieved = c.gflop / (ms[i] / 1e3)
         row = [c.label, device.type, DTYPE_NAMES[dtype] + (" amp" if args.amp != "none" else ""), args.batch,
                img_size, fmt(ms[i]), fmt(args.batch / ms[i] * 1e3), fmt(c.peak_mb), fmt(c.gflop), fmt(achieved),
                f"{100 * achieved / peak:.1f}"]
-        if args.official:
-            official = [j for j, o in enumerate(contenders) if o.label.endswith("(official)")]
-            row.append(f"{ms[official[0]] / ms[0]:.2f}x" if i == 0 and official else "")
+        row += [vs("(official)") if i == 0 else ""] if args.official else []
+        row += [vs("(dense emulation)") if i == 0 else ""] if args.dense else []
+        if "GFLOP vs sparse ideal" in extra_columns(args):
+            row.append(f"{c.gflop / c.ideal_gflop:.2f}x" if c.ideal_gflop else "")
         print("| " + " | ".join(map(str, row)) + " |", flush=True)
 
 
