@@ -40,8 +40,7 @@ from common import (IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_checkpoint, loa
                     set_lr, unpatchify)
 
 # Conventions: N batch, L mask units (32x32 patches), C width, p = 32. mask: 1 = hidden, 0 = visible. Maps are
-# [N, C, H, W] between blocks (channels-last inside them, as the official dense code); in masked pre-training the
-# visible units' tiles [N*L_keep, C, s, s] (s = 8, 4, 2, 1 at stages 0-3), channels-last in memory for the linears.
+# [N, C, H, W] (channels-last inside blocks, as the official); masked, the visible tiles [N*L_keep, C, s, s].
 
 
 # --- the visible units as tiles (FCMAE §3: the encoder sees the visible pixels only) ---
@@ -259,10 +258,8 @@ def from_sparse_layout(state):
         parts = k.split(".")
         if parts[-1] == "kernel":
             ks = math.isqrt(v.shape[0])
-            if v.ndim == 3:                                             # convolution [k*k, in, out]
-                v = v.permute(2, 1, 0).reshape(v.shape[2], v.shape[1], ks, ks).transpose(3, 2)
-            else:                                                       # depthwise [k*k, C]
-                v = v.permute(1, 0).reshape(v.shape[1], 1, ks, ks).transpose(3, 2)
+            v = v.reshape(v.shape[0], -1, v.shape[-1])                  # [k*k, in, out]; depthwise [k*k, 1, C]
+            v = v.permute(2, 1, 0).reshape(v.shape[2], v.shape[1], ks, ks).transpose(3, 2)
             parts[-1] = "weight"
         parts = [p for p in parts if p not in ("ln", "linear")]
         if parts[-1] == "bias" and v.ndim != 1:
@@ -292,9 +289,8 @@ def load_pretrained(model, checkpoint):
     encoder_missing = [k for k in missing if k.startswith("encoder.")]
     wrong = [k for k in set(state) & set(ours) if state[k].shape != ours[k].shape]
     if unexpected or encoder_missing or wrong:
-        raise ValueError(f"checkpoint is neither the official FCMAE layout nor ours for {type(model).__name__} of "
-                         f"this size: unexpected {unexpected[:3]}, missing {encoder_missing[:3]}, "
-                         f"other shapes {sorted(wrong)[:3]}")
+        raise ValueError(f"checkpoint is neither the official FCMAE layout nor ours for this model: unexpected "
+                         f"{unexpected[:3]}, missing {encoder_missing[:3]}, other shapes {sorted(wrong)[:3]}")
     model.load_state_dict(state, strict=False)
     return missing
 
@@ -327,9 +323,8 @@ def get_args(argv=None):
     p.add_argument("--resume", default="", help="a checkpoint, or 'auto': output_dir/checkpoint-last.pth if present")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="data workers per process")
-    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None,
-                   help="default: bf16 on CUDA, none on CPU; the official FCMAE trains in fp32 (none); "
-                        "fp16 is refused: the official init drives decoder outputs past its range")
+    p.add_argument("--amp", choices=["bf16", "fp16", "none"], default=None, help="default: bf16 on CUDA, none on "
+                   "CPU (the official: fp32); fp16 is refused: the official init drives decoder outputs past its range")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--save_every", type=int, default=20, help="keep a copy of the checkpoint every N epochs")
     p.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
@@ -354,11 +349,10 @@ def check_args(args):
     if args.amp == "fp16":         # std-1 init: pred reaches ~1e6 at visible units (outside the loss), proj ~1e5
         sys.exit("error: --amp fp16 overflows with FCMAE's official init (decoder outputs far above fp16's 65504); "
                  "use --amp bf16 or none (the official fp32)")
-    patch = 32                                                          # the mask patch and the total stride
     args.input_size = MODELS[args.model].keywords.get("img_size", 224) if args.input_size is None else args.input_size
-    if args.input_size <= 0 or args.input_size % patch:
+    if args.input_size <= 0 or args.input_size % 32:                    # the mask patch and the total stride
         sys.exit(f"error: --input_size {args.input_size} is not a positive multiple of {args.model}'s mask patch size "
-                 f"{patch}; try {max(args.input_size // patch, 1) * patch}")
+                 f"32; try {max(args.input_size // 32, 1) * 32}")
     args.output_dir = args.output_dir or os.path.join("output", args.model)
 
 
