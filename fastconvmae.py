@@ -1,18 +1,16 @@
 """FastConvMAE: ConvMAE trained with four complementary masks, so every image teaches four times.
 
-One random permutation of the 1/16-grid units is cut into four disjoint sets of 25 %: each set is the
-visible part of one view, and the four views together show every unit exactly once (complementary
-masking). The convolution stages run once per image, each position seeing only its own view's pixels
-(the depthwise convolution runs once per view, over the whole map with the other views' positions
-zeroed); the transformer stage and the decoder then process the four views as a batch of 4N, and the
-loss is ConvMAE's over the hidden units of all four. Its README: 50 epochs reach 84.4 ImageNet top-1
-with pixel targets in 266 GPU-hours, where ConvMAE's 1600 epochs reach 85.0 in 4000.
+One random permutation of the 1/16-grid units is cut into four disjoint sets of 25 %: each set is the visible part
+of one view, and the four views together show every unit exactly once (complementary masking). The convolution
+stages run once per image, each position seeing only its own view's pixels (the depthwise convolution runs once per
+view, over the whole map with the other views' positions zeroed); the transformer stage and the decoder then process
+the four views as a batch of 4N, and the loss is ConvMAE's over the hidden units of all four. Its README: 50 epochs
+reach 84.4 ImageNet top-1 with pixel targets in 266 GPU-hours, where ConvMAE's 1600 epochs reach 85.0 in 4000.
 
-Method: Gao et al., FastConvMAE (complementary masking and mixture of reconstructors), 2022.
-Official code: https://github.com/Alpha-VL/FastConvMAE (complementary masking only).
-This file rebuilds the official pre-training model with plain PyTorch: same state_dict,
-same numbers (tests/test_fastconvmae.py checks it against fixtures made by the official code).
-The Mixture of Reconstructors, which its authors did not release, is in fastconvmae_mor.py.
+Method: Gao et al., FastConvMAE (complementary masking and mixture of reconstructors), 2022. Official code:
+https://github.com/Alpha-VL/FastConvMAE (complementary masking only). This file rebuilds the official pre-training
+model with plain PyTorch: same state_dict, same numbers (tests/test_fastconvmae.py checks it against fixtures made
+by the official code). The Mixture of Reconstructors, which its authors did not release, is in fastconvmae_mor.py.
 Copy it with common.py and it runs as it does here; inside a package, make the `from common import` line
 relative. The model needs only torch, torchvision's stochastic_depth and common's patchify/unpatchify.
 
@@ -43,10 +41,9 @@ from torchvision.utils import save_image
 from common import (IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_checkpoint, load_images, patchify, pretrain_loader,
                     set_lr, unpatchify)
 
-# Conventions: N batch, L mask units (16x16 patches of the 1/16 grid), D width, p patch size,
-# V = 4 views. mask: 1 = hidden, 0 = visible. Rows of pred, mask and latent come view by view:
-# [V * N, ...] holds view 0's N rows, then view 1's, ... The convolution stages keep their maps
-# channels-last, [N, H, W, C]: LayerNorm acts on the last axis, convolutions read it directly.
+# Conventions: N batch, L mask units (16x16 patches of the 1/16 grid), D width, p patch size, V = 4 views.
+# mask: 1 = hidden, 0 = visible. Rows of pred, mask and latent come view by view: [V * N, ...] holds view 0's N
+# rows, then view 1's, ... Convolution stages keep maps channels-last, [N, H, W, C] (LayerNorm on the last axis).
 
 VIEWS = 4                         # complementary masks of 25 % each (FastConvMAE §3.1)
 
