@@ -100,9 +100,12 @@ def test_a_pickle_that_would_run_code_is_refused_in_one_line_and_nothing_runs(fu
     with pytest.raises(pickle.UnpicklingError) as e:
         ft.METHODS["mae"].load_pretrained(model, str(path))
     assert "\n" not in str(e.value) and "refused" in str(e.value) and name in str(e.value), str(e.value)
-    r = run("finetune.py", "--model", "mae_vit_tiny", "--finetune", path, "--output_dir", tmp_path / "out")
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert last_line(r.stderr).startswith(f"error: --finetune {path}: refused") and name in last_line(r.stderr)
+    if func is open:                                                    # as a user sees it, once
+        r = run("finetune.py", "--model", "mae_vit_tiny", "--finetune", path, "--output_dir", tmp_path / "out")
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert last_line(r.stderr).startswith(f"error: --finetune {path}: refused") and name in last_line(r.stderr)
+    with pytest.raises(SystemExit, match=f"^error: --finetune {path}: refused"):
+        ft.read_checkpoint(str(path), "--finetune")
     assert not marker.exists()
 
 
