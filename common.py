@@ -1,14 +1,6 @@
-"""What the five method files share: data, patchify/unpatchify, the learning-rate schedule, and reading
-checkpoint files as the official training scripts write them.
-
-Data. `load_images(args.data)` gives a folder data set (ImageFolder layout DIR/train/<class>/,
-DIR/<class>/, or a flat folder of images) or, with no --data, `BuiltinShapes`: ten classes of
-shapes and textures drawn on the fly, so every command runs on a fresh machine with no download.
-`pretrain_loader` wraps either with the MAE augmentation and hands each sample its own random
-stream, seeded by (seed, epoch, index): crops, flips and the masking noise of a sample are then
-the same whatever the number of processes or workers, and a resumed run sees exactly the
-batches an uninterrupted one would.
-"""
+"""What the five method files share: data (a folder, or with no --data `BuiltinShapes`, drawn on the fly, so every
+command runs on a fresh machine with no download), patchify/unpatchify, the learning-rate schedule, and reading
+checkpoint files as the official training scripts write them."""
 import argparse
 import math
 import os
@@ -26,17 +18,14 @@ from torchvision import transforms
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+BICUBIC, BILINEAR = transforms.InterpolationMode.BICUBIC, transforms.InterpolationMode.BILINEAR
 
 
 # --- the built-in data set ---
 class BuiltinShapes(Dataset):
-    """Ten labelled classes drawn procedurally: sample i is a pure function of (i, size).
-
-    Classes 0-5 are a shape (disk, square, triangle, ring, cross, star) over a random gradient
-    background; 6-9 are a texture (stripes, checkerboard, dots, concentric waves) seen through a
-    random window. Colours, positions, sizes and angles vary per sample, so a masked model has
-    edges, corners and periodic structure to infer from the visible patches.
-    """
+    """Ten labelled classes drawn procedurally, sample i a pure function of (offset + i, size): 0-5 a shape over a
+    random gradient background, 6-9 a texture seen through a random window. Colours, positions, sizes and angles vary
+    per sample, so a masked model has edges, corners and periodic structure to infer from the visible patches."""
     classes = ["disk", "square", "triangle", "ring", "cross", "star", "stripes", "checkerboard", "dots", "waves"]
 
     def __init__(self, length=4096, size=224, offset=0):
@@ -89,11 +78,8 @@ def _to_rgb(img):
 
 
 class ImageFiles(Dataset):
-    """Images under `root`: `root/<class>/**` (labelled) or a flat folder (label 0).
-
-    A file PIL cannot read is skipped with a warning naming it, and the next readable file
-    stands in, so one bad JPEG never stops an epoch.
-    """
+    """Images under `root`: `root/<class>/**` (labelled) or a flat folder (label 0). A file PIL cannot read is
+    skipped with a warning naming it and the next readable file stands in: one bad JPEG never stops an epoch."""
 
     def __init__(self, root):
         if not os.path.isdir(root):
@@ -103,12 +89,10 @@ class ImageFiles(Dataset):
         self.classes = [d for d in subdirs if found[d]]
         self.samples = [(p, label) for label, d in enumerate(self.classes) for p in found[d]]
         if not self.samples:                                     # flat layout
-            self.classes = []
             self.samples = [(p, 0) for p in _image_paths(root, recursive=False)]
         if not self.samples:
             raise ValueError(f"--data {root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)}); "
                              "give DIR/train/<class>/*, DIR/<class>/* or a folder of images")
-        self.bad = set()
 
     def __len__(self):
         return len(self.samples)
@@ -116,23 +100,17 @@ class ImageFiles(Dataset):
     def __getitem__(self, i):
         for j in range(i, i + len(self.samples)):
             path, label = self.samples[j % len(self.samples)]
-            if path in self.bad:
-                continue
             try:
                 with Image.open(path) as img:
                     return _to_rgb(img), label                   # convert() loads every pixel
             except Exception as e:                               # PIL raises many kinds
-                self.bad.add(path)
                 warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=2)
         raise ValueError(f"--data: none of the {len(self.samples)} images could be read")
 
 
 def _image_paths(folder, recursive=True):
-    if not recursive:
-        return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                      if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
-    return sorted(os.path.join(d, f) for d, _, files in os.walk(folder, followlinks=True)
-                  for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+    walk = os.walk(folder, followlinks=True) if recursive else [next(os.walk(folder))]   # or the top level only
+    return sorted(os.path.join(d, f) for d, _, files in walk for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def load_images(data, split="train", size=224, builtin_length=4096):
@@ -144,11 +122,7 @@ def load_images(data, split="train", size=224, builtin_length=4096):
 
 
 # --- pre-training input pipeline (MAE §4, main_pretrain.py; SimMIM's crop differs) ---
-BICUBIC, BILINEAR = transforms.InterpolationMode.BICUBIC, transforms.InterpolationMode.BILINEAR
-
-
 def pretrain_transform(size, scale=(0.2, 1.0), interpolation=BICUBIC):
-    """Random-resized crop, flip, ImageNet normalisation; MAE's crop by default."""
     return transforms.Compose([
         transforms.RandomResizedCrop(size, scale=scale, interpolation=interpolation),
         transforms.RandomHorizontalFlip(),
@@ -157,8 +131,9 @@ def pretrain_transform(size, scale=(0.2, 1.0), interpolation=BICUBIC):
 
 
 class SeededSamples(Dataset):
-    """Applies `transform` and draws masking noise [L] from a stream seeded by (seed, epoch, i).
-    With mask_units=0 (fine-tuning) a sample is (image, label) instead of (image, noise)."""
+    """Applies `transform` and draws masking noise [L] from a stream seeded by (seed, epoch, i): a sample is the same
+    whatever the number of processes or workers, so a resumed run sees exactly the batches an uninterrupted one
+    would. With mask_units=0 (fine-tuning) a sample is (image, label) instead of (image, noise)."""
 
     def __init__(self, images, transform, seed, mask_units):
         self.images, self.transform, self.seed, self.mask_units = images, transform, seed, mask_units
@@ -192,15 +167,10 @@ class EpochSampler(DistributedSampler):
         return max(self.num_samples - self.skip_batches * self.batch_size, 0)
 
 
-def pretrain_loader(images, size, batch_size, mask_units, seed=0, rank=0, world_size=1, num_workers=4,
-                    transform=None):
-    """Loader of (imgs [B, 3, size, size], noise [B, mask_units]) batches for this rank, or of
-    (imgs, labels [B]) with mask_units=0 (finetune.py).
-
-    Call `loader.sampler.set_epoch(epoch)` each epoch; set `loader.sampler.skip_batches` to resume
-    mid-epoch. `len(loader)` is the number of full batches per epoch (drop_last).
-    `transform`: default `pretrain_transform(size)`, MAE's.
-    """
+def pretrain_loader(images, size, batch_size, mask_units, seed=0, rank=0, world_size=1, num_workers=4, transform=None):
+    """Loader of (imgs [B, 3, size, size], noise [B, mask_units]) batches for this rank, or of (imgs, labels [B]) with
+    mask_units=0 (finetune.py); `len(loader)` full batches an epoch. Call `loader.sampler.set_epoch(epoch)` each
+    epoch; set `loader.sampler.skip_batches` to resume mid-epoch. `transform`: MAE's `pretrain_transform` by default."""
     samples = SeededSamples(images, transform or pretrain_transform(size), seed, mask_units)
     sampler = EpochSampler(samples, world_size, rank, seed, batch_size)
     if len(sampler) < batch_size:
@@ -211,8 +181,7 @@ def pretrain_loader(images, size, batch_size, mask_units, seed=0, rank=0, world_
                       generator=torch.Generator().manual_seed(seed))  # its own stream: the caller's is untouched
 
 
-def _ignore_sigterm(worker_id):
-    """A scheduler's SIGTERM may reach all processes: the trainer saves and exits, workers follow."""
+def _ignore_sigterm(worker_id):  # a scheduler's SIGTERM may reach all processes: the trainer saves, workers follow
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
@@ -250,29 +219,25 @@ def set_lr(optimizer, lr):
 
 
 # --- checkpoint files: the official training scripts pickle more than tensors ---
-_SCALAR = np.float64(0).__reduce__()[0]                         # numpy's scalar constructor, numpy 1 or 2
-_HARMLESS = {"argparse.Namespace": argparse.Namespace, "numpy.dtype": np.dtype,
-             "numpy.core.multiarray.scalar": _SCALAR, "numpy._core.multiarray.scalar": _SCALAR}
-
-
 class _StandIn(type):
-    """The type of the stand-ins for other classes a file names (SimMIM's yacs CfgNode): the unpickler may make
-    one, an OrderedDict of the object's data, but never call one, as a pickled function call would."""
+    """Type of the stand-ins for classes a file names (SimMIM's yacs CfgNode): made as OrderedDicts, never called."""
 
     def __call__(cls, *args, **kwargs):
         raise pickle.UnpicklingError(f"calls {cls.__name__}")
 
 
 def load_checkpoint(path, mmap=False):
-    """torch.load(path, weights_only=True) that also reads what the official scripts save beside the weights:
-    `args` (argparse.Namespace), numpy scalars, and classes that need not exist here, as SimMIM's `config` (a
-    yacs CfgNode: read as nested OrderedDicts). No code in the file runs: a pickle that would call anything but
-    torch's tensor rebuilders raises UnpicklingError naming it."""
-    names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in _HARMLESS]
+    """torch.load(path, weights_only=True) that also reads what the official scripts save beside the weights: `args`,
+    numpy scalars, and classes that need not exist here, as SimMIM's yacs `config` (read as nested OrderedDicts). No
+    code in the file runs: a pickled call of anything but torch's tensor rebuilders raises UnpicklingError naming it."""
+    scalar = np.float64(0).__reduce__()[0]                       # numpy's scalar constructor, numpy 1 or 2
+    harmless = {"argparse.Namespace": argparse.Namespace, "numpy.dtype": np.dtype,
+                "numpy.core.multiarray.scalar": scalar, "numpy._core.multiarray.scalar": scalar}
+    names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in harmless]
     stand_ins = [(_StandIn(n, (), {"__new__": lambda cls, *a: OrderedDict()}), n) for n in names]
     dtypes = [type(np.dtype(c)) for c in np.typecodes["All"]]    # numpy >= 1.25 has a class per dtype
     try:
-        with torch.serialization.safe_globals([(f, n) for n, f in _HARMLESS.items()] + stand_ins + dtypes):
+        with torch.serialization.safe_globals([(f, n) for n, f in harmless.items()] + stand_ins + dtypes):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:                               # torch's message is a paragraph
         raise pickle.UnpicklingError(f"{path}: refused: loading it would run code from the file "
