@@ -337,12 +337,11 @@ def check_args(args):
     """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts."""
     if args.model not in MODELS:
         sys.exit(f"error: --model {args.model} is unknown; choose one of: {', '.join(MODELS)}")
-    for allowed, ok, flags in (("at least 1", lambda v: v >= 1, ("epochs", "batch_size", "accum_iter", "save_every",
-                                                                 "log_every", "builtin_images")),
-                               ("at least 0", lambda v: v >= 0, ("warmup_epochs", "num_workers", "blr", "lr", "min_lr",
-                                                                 "weight_decay", "clip_grad")),
-                               ("in (0, 1)", lambda v: 0 < v < 1, ("mask_ratio",))):
-        for flag in flags:                                              # None: a default computed later
+    ranges = {"at least 1": (lambda v: v >= 1, "epochs batch_size accum_iter save_every log_every builtin_images"),
+              "at least 0": (lambda v: v >= 0, "warmup_epochs num_workers blr lr min_lr weight_decay clip_grad"),
+              "in (0, 1)": (lambda v: 0 < v < 1, "mask_ratio")}
+    for allowed, (ok, flags) in ranges.items():
+        for flag in flags.split():                                              # None: a default computed later
             value = getattr(args, flag)
             if value is not None and not (math.isfinite(value) and ok(value)):
                 sys.exit(f"error: --{flag} must be a finite number {allowed}, got {value}")
@@ -391,9 +390,8 @@ def count_ranks(flag, group=None):
 
 
 def save_training_state(paths, model, optimizer, scaler, args, **position):
-    """Rank 0 writes the state to each of `paths`, atomically: a crash mid-write, even of the machine, leaves
-    the old file or the whole new one. Weights that are not finite (an update diverged after its loss was
-    checked) stop every rank instead, so the files keep the last good state."""
+    """Rank 0 writes the state to each of `paths` atomically (temp file, fsync, rename). Weights that are not finite
+    (a step diverged after its loss was checked) stop every rank instead: the files keep the last good state."""
     if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
         sys.exit(f"error: the weights are not finite (the last step diverged); not saving. "
                  f"The last good checkpoint is {paths[0]}; resume from it with a lower --blr or --amp none")
@@ -410,29 +408,26 @@ def save_training_state(paths, model, optimizer, scaler, args, **position):
 
 
 def resume(args, model, optimizer, scaler, world_size, host_group, log):
-    """--resume FILE, or 'auto': output_dir/checkpoint-last.pth if it exists. Restores the weights, optimizer
-    and scaler; returns where to go on: (epoch, batch in epoch), (0, 0) for a fresh start."""
+    """--resume FILE or 'auto' (output_dir/checkpoint-last.pth if present): the training state, (epoch, batch)."""
     path = os.path.join(args.output_dir, "checkpoint-last.pth") if args.resume == "auto" else args.resume
     seen = count_ranks(bool(path) and os.path.isfile(path), host_group)   # every rank must load the same
-    if 0 < seen < world_size:                                           # e.g. --output_dir on each node's disk
-        sys.exit(f"error: --resume {path} exists for {seen} of {world_size} processes; put it and --output_dir "
-                 f"on a file system that every node shares")
-    if not path or (args.resume == "auto" and not seen):
+    if not seen and args.resume in ("", "auto"):
         return 0, 0
-    if not seen:
-        sys.exit(f"error: --resume {path}: no such file")
+    if seen < world_size:                                               # e.g. --output_dir on each node's disk
+        sys.exit(f"error: --resume {path} exists for {seen} of {world_size} processes; give a file that exists, "
+                 f"on a file system that every node shares")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        found = ckpt["args"]["model"]
     except Exception as e:
-        sys.exit(f"error: --resume {path}: not a readable checkpoint ({type(e).__name__})")
-    found = ckpt.get("args", {}).get("model", "no model name") if isinstance(ckpt, dict) else "not a dict"
-    if found != args.model or "model" not in ckpt:
-        sys.exit(f"error: --resume {path} is not a {args.model} training checkpoint ({found}); "
-                 f"pass --model to match it or start a new --output_dir")
+        sys.exit(f"error: --resume {path}: not a training checkpoint of ours ({type(e).__name__})")
+    if found != args.model:
+        sys.exit(f"error: --resume {path} is a {found} checkpoint, not {args.model}; pass --model {found} or "
+                 f"start a new --output_dir")
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError) as e:                             # other shapes, or other param groups
+    except (KeyError, RuntimeError, ValueError) as e:                   # other shapes, or other param groups
         sys.exit(f"error: --resume {path} does not fit {args.model} at --input_size {args.input_size} "
                  f"({str(e).strip().splitlines()[-1].strip()})")
     if ckpt["scaler"] and scaler.is_enabled():                          # empty unless saved by an fp16 run
@@ -516,33 +511,24 @@ def main(args):
     args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-                if amp != "none" else nullcontext())
+    autocast = torch.autocast(device.type, torch.bfloat16 if amp == "bf16" else torch.float16, amp != "none")
     log(f"{args.model} | {sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.1f} M params | "
         f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {world_size} | lr {args.lr:.3g} | "
         f"{steps_per_epoch} steps/epoch | amp {amp} | {device}")
 
-    # 7. schedule: warmup + cosine, the lr set before every optimizer step from the fractional epoch (in 9)
+    # 7. schedule: warmup + cosine, the lr set at every optimizer step from the fractional epoch (in 9)
     # 8. resume: weights, optimizer, scaler and the position (epoch, batch in epoch)
     epoch, batch_in_epoch = resume(args, model_without_ddp, optimizer, scaler, world_size, host_group, log)
     path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    save_state = partial(save_training_state, model=model_without_ddp, optimizer=optimizer, scaler=scaler,
-                         args=args, world_size=world_size)
     stop = []                                                           # SIGTERM: save at the next step, exit 0
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
 
     # 9. loop: one optimizer step per accum_iter micro-batches
-    model.train()
-    stopping = False
+    stopping, loss_sum, n_summed, t_log = False, torch.zeros((), device=device), 0, time.time()
     while epoch < args.epochs and not stopping:
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip_batches = batch_in_epoch
-        loss_sum, n_summed, t_log = torch.zeros((), device=device), 0, time.time()
         for imgs, noise in itertools.islice(loader, batches_per_epoch - batch_in_epoch):
-            if batch_in_epoch % args.accum_iter == 0:
-                lr = cosine_lr(epoch + batch_in_epoch / batches_per_epoch, args.lr, args.min_lr,
-                               args.warmup_epochs, args.epochs)
-                set_lr(optimizer, lr)
             imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
             # what the model draws (drop path) comes from a stream keyed by rank and micro-batch: resume is exact
             torch.manual_seed(args.seed + rank + world_size * (epoch * batches_per_epoch + batch_in_epoch))
@@ -556,6 +542,9 @@ def main(args):
             n_summed += 1
             if not last_micro:
                 continue
+            lr = cosine_lr(epoch + (batch_in_epoch - args.accum_iter) / batches_per_epoch, args.lr, args.min_lr,
+                           args.warmup_epochs, args.epochs)                   # at the step's first micro-batch
+            set_lr(optimizer, lr)
             if args.clip_grad:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
@@ -582,8 +571,9 @@ def main(args):
         if not stopping:
             epoch, batch_in_epoch = epoch + 1, 0
         keep = not stopping and (epoch % args.save_every == 0 or epoch == args.epochs)   # a copy every save_every
-        save_state([path_last] + [os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")] * keep,
-                   epoch=epoch, batch_in_epoch=batch_in_epoch)
+        save_training_state([path_last] + [os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")] * keep,
+                            model_without_ddp, optimizer, scaler, args, world_size=world_size, epoch=epoch,
+                            batch_in_epoch=batch_in_epoch)
         if stopping:
             log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
         elif is_main:

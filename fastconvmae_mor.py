@@ -477,33 +477,24 @@ def main(args):
     args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-                if amp != "none" else nullcontext())
+    autocast = torch.autocast(device.type, torch.bfloat16 if amp == "bf16" else torch.float16, amp != "none")
     log(f"{args.model} | {sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.1f} M params | "
         f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {world_size} | lr {args.lr:.3g} | "
         f"{steps_per_epoch} steps/epoch | amp {amp} | {device}")
 
-    # 7. schedule: warmup + cosine, the lr set before every optimizer step from the fractional epoch (in 9)
+    # 7. schedule: warmup + cosine, the lr set at every optimizer step from the fractional epoch (in 9)
     # 8. resume: weights, EMA teacher, optimizer, scaler and the position (epoch, batch in epoch)
     epoch, batch_in_epoch = resume(args, model_without_ddp, ema, optimizer, scaler, world_size, host_group, log)
     path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    save_state = partial(save_training_state, model=model_without_ddp, optimizer=optimizer, scaler=scaler,
-                         args=args, world_size=world_size)
     stop = []                                                           # SIGTERM: save at the next step, exit 0
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
 
     # 9. loop: one optimizer step per accum_iter micro-batches, then the EMA teacher follows the student
-    model.train()
-    stopping = False
+    stopping, loss_sum, n_summed, t_log = False, torch.zeros(len(names), device=device), 0, time.time()
     while epoch < args.epochs and not stopping:
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip_batches = batch_in_epoch
-        loss_sum, n_summed, t_log = torch.zeros(len(names), device=device), 0, time.time()
         for imgs, noise in itertools.islice(loader, batches_per_epoch - batch_in_epoch):
-            if batch_in_epoch % args.accum_iter == 0:
-                lr = cosine_lr(epoch + batch_in_epoch / batches_per_epoch, args.lr, args.min_lr,
-                               args.warmup_epochs, args.epochs)
-                set_lr(optimizer, lr)
             imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
             # what the model draws (drop path) comes from a stream keyed by rank and micro-batch: resume is exact
             torch.manual_seed(args.seed + rank + world_size * (epoch * batches_per_epoch + batch_in_epoch))
@@ -517,6 +508,9 @@ def main(args):
             n_summed += 1
             if not last_micro:
                 continue
+            lr = cosine_lr(epoch + (batch_in_epoch - args.accum_iter) / batches_per_epoch, args.lr, args.min_lr,
+                           args.warmup_epochs, args.epochs)                   # at the step's first micro-batch
+            set_lr(optimizer, lr)
             if args.clip_grad:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
@@ -546,8 +540,9 @@ def main(args):
         if not stopping:
             epoch, batch_in_epoch = epoch + 1, 0
         keep = not stopping and (epoch % args.save_every == 0 or epoch == args.epochs)   # a copy every save_every
-        save_state([path_last] + [os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")] * keep,
-                   epoch=epoch, batch_in_epoch=batch_in_epoch, ema=ema.state_dict())
+        save_training_state([path_last] + [os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")] * keep,
+                            model_without_ddp, optimizer, scaler, args, world_size=world_size, epoch=epoch,
+                            batch_in_epoch=batch_in_epoch, ema=ema.state_dict())
         if stopping:
             log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
         elif is_main:

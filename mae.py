@@ -1,15 +1,13 @@
 """MAE: masked autoencoders pre-train a ViT by reconstructing the pixels of hidden patches.
 
-The encoder sees only the ~25 % of patches left visible (no mask tokens); a light decoder
-gets the encoded visible tokens plus a shared mask token at every hidden position and
-predicts their pixels; the loss is the MSE on hidden patches only (§3).
+The encoder sees only the ~25 % of patches left visible (no mask tokens); a light decoder adds a shared mask token at
+every hidden position and predicts the pixels of each patch; the loss is the MSE on hidden patches only (§3).
 
 Paper: He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022,
 https://arxiv.org/abs/2111.06377. Official code: https://github.com/facebookresearch/mae.
-This file rebuilds the official pre-training model with plain PyTorch: same state_dict,
-same numbers (tests/test_mae.py checks it against fixtures made by the official code).
-Copy it with common.py and it runs as it does here; inside a package, make the `from common import` line
-relative. The model needs only torch, torchvision's stochastic_depth and common's patchify/unpatchify.
+This file rebuilds the official pre-training model in plain PyTorch: same state_dict, same numbers (tests/test_mae.py
+checks it against fixtures made by the official code). Copy it with common.py and it runs as here; in a package, make
+the `from common import` line relative. The model needs only torch, torchvision and common's (un)patchify.
 
     python mae.py --model mae_vit_tiny --epochs 5 --warmup_epochs 1     # CPU demo, built-in data
     torchrun --nproc_per_node=8 mae.py --data /imagenet --accum_iter 8  # paper recipe: 64 x 8 x 8 = 4096
@@ -51,15 +49,13 @@ class Attention(nn.Module):
 
     def forward(self, x):                                               # [N, T, D]
         N, T, D = x.shape
-        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                            # [N, heads, T, D/heads] each
+        q, k, v = self.qkv(x).view(N, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)   # [N, heads, T, D/heads]
         x = F.scaled_dot_product_attention(q, k, v)                     # softmax(q k^T / sqrt(D/heads)) v
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; `drop_path` (stochastic depth: a whole sample's branch is zeroed, the
-    others rescaled) is for fine-tuning only."""
+    """Pre-norm transformer block; stochastic depth (`drop_path`: zero a sample's branch) is for fine-tuning only."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
         super().__init__()
@@ -76,30 +72,21 @@ class Block(nn.Module):
 
 
 def sincos_pos_embed(dim, grid_size):
-    """Fixed 2-D sin-cos position embedding [1 + g*g, dim]; row 0 (cls) is zeros.
-
-    The first dim/2 channels encode the column index, the last dim/2 the row index; each half
-    is [sin(pos * omega), cos(pos * omega)] with omega_i = 10000^(-i / (dim/4)) (MAE §A.1).
-    """
+    """Fixed 2-D sin-cos position embedding [1 + g*g, dim], row 0 (cls) zeros. The first dim/2 channels encode
+    the column, the last dim/2 the row, each as [sin(pos omega), cos(pos omega)], omega_i = 10000^(-4i/dim) (§A.1)."""
     assert dim % 4 == 0, f"sin-cos embedding needs a width divisible by 4, got {dim}"
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    row, col = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64),
-                              torch.arange(grid_size, dtype=torch.float64), indexing="ij")
-    halves = []
-    for pos in (col.flatten(), row.flatten()):
-        angle = pos[:, None] * omega[None]                             # [g*g, dim/4]
-        halves += [angle.sin(), angle.cos()]
-    emb = torch.cat(halves, dim=1)                                      # [g*g, dim]
+    row, col = torch.meshgrid(*[torch.arange(grid_size, dtype=torch.float64)] * 2, indexing="ij")
+    angles = [pos.flatten()[:, None] * omega for pos in (col, row)]    # 2 x [g*g, dim/4]
+    emb = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)   # [g*g, dim]
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb]).float()
 
 
 # --- masking (MAE §3: random sampling without replacement, uniform over patches) ---
 def random_masking(x, mask_ratio, noise=None):
-    """Keep the L_keep = int(L * (1 - mask_ratio)) tokens with the smallest noise.
-
-    x [N, L, D] -> kept [N, L_keep, D] (in order of increasing noise), mask [N, L] (1 = hidden),
-    ids_restore [N, L]: gather with it to put [kept, hidden] tokens back in image order.
-    """
+    """Keep the L_keep = int(L * (1 - mask_ratio)) tokens with the smallest noise: x [N, L, D] -> kept [N, L_keep, D]
+    (by increasing noise), mask [N, L] (1 = hidden), ids_restore [N, L] (gathering with it puts [kept, hidden]
+    tokens back in image order)."""
     N, L, D = x.shape
     len_keep = int(L * (1 - mask_ratio))
     if noise is None:
@@ -119,14 +106,13 @@ class MaskedAutoencoderViT(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        self.patch_size, self.grid = patch_size, img_size // patch_size
+        self.img_size, self.patch_size, self.grid = img_size, patch_size, img_size // patch_size
         self.norm_pix_loss = norm_pix_loss
-        num_patches = self.grid ** 2
 
-        # encoder; pos embeds are fixed (requires_grad=False) but stay in the state_dict, as in the official
+        # encoder; the sin-cos pos embeds are fixed (requires_grad=False) but in the state_dict, as in the official
         self.patch_embed = nn.Sequential(OrderedDict(proj=nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, self.grid)[None], requires_grad=False)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]   # stochastic depth rule
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, dpr[i]) for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -134,49 +120,39 @@ class MaskedAutoencoderViT(nn.Module):
         # decoder (§3, Table 1a-b: 8 blocks of width 512, <10 % of the encoder's compute per token)
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim),
-                                              requires_grad=False)
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_embed_dim, self.grid)[None], requires_grad=False)
         self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio)
                                              for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans)
-        self.initialize_weights()
 
-    def initialize_weights(self):
-        """Official init: sin-cos positions, xavier-uniform linears (JAX ViT), normal(.02) tokens."""
-        self.pos_embed.data.copy_(sincos_pos_embed(self.pos_embed.shape[-1], self.grid)[None])
-        self.decoder_pos_embed.data.copy_(sincos_pos_embed(self.decoder_pos_embed.shape[-1], self.grid)[None])
-        w = self.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))                 # the conv as a linear layer
+        # the official init: xavier-uniform linears (JAX ViT), the patch conv too, normal(.02) tokens, LayerNorms (1, 0)
+        nn.init.xavier_uniform_(self.patch_embed.proj.weight.data.view(embed_dim, -1))   # the conv as a linear layer
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def _embed(self, imgs):
-        if imgs.shape[-2:] != (self.grid * self.patch_size,) * 2:
-            raise ValueError(f"images are {tuple(imgs.shape[-2:])}, this model was built for "
-                             f"{self.grid * self.patch_size} px (pass img_size= to the builder)")
+        if imgs.shape[-2:] != (self.img_size,) * 2:
+            raise ValueError(f"images are {tuple(imgs.shape[-2:])}; the model was built for img_size={self.img_size}")
         x = self.patch_embed(imgs).flatten(2).transpose(1, 2)          # [N, L, D]
         return x + self.pos_embed[:, 1:]                                # position before masking
 
-    def _with_cls(self, x):
+    def _encode(self, x):
+        """Embedded tokens [N, T, D] -> with cls, through the blocks: [N, 1 + T, D]."""
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        return torch.cat([cls, x], dim=1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
 
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         """imgs [N, 3, H, W] -> latent [N, 1 + L_keep, D], mask [N, L], ids_restore [N, L]."""
-        x = self._embed(imgs)                                           # [N, L, D]
-        x, mask, ids_restore = random_masking(x, mask_ratio, noise)     # [N, L_keep, D]
-        x = self._with_cls(x)                                           # [N, 1 + L_keep, D]
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x), mask, ids_restore
+        x, mask, ids_restore = random_masking(self._embed(imgs), mask_ratio, noise)   # [N, L_keep, D]
+        return self._encode(x), mask, ids_restore
 
     def forward_decoder(self, latent, ids_restore):
         """latent [N, 1 + L_keep, D] -> pred [N, L, p*p*3]: pixels of every patch, in image order."""
@@ -191,8 +167,7 @@ class MaskedAutoencoderViT(nn.Module):
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]           # drop cls: [N, L, p*p*3]
 
     def forward_loss(self, imgs, pred, mask):
-        """Mean squared error over hidden patches; with norm_pix_loss each target patch is
-        normalised by its own mean and (unbiased) variance (§3, Table 1c)."""
+        """MSE over hidden patches; norm_pix_loss: each target patch normalised by its mean and variance (Table 1c)."""
         target = patchify(imgs, self.patch_size)                        # [N, L, p*p*3]
         if self.norm_pix_loss:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
@@ -207,14 +182,10 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward_features(self, imgs):
         """The encoder on all patches, for fine-tuning: [N, 1 + L, D] after `norm`."""
-        x = self._with_cls(self._embed(imgs))
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        return self._encode(self._embed(imgs))
 
     def pred_to_pixels(self, imgs, pred):
-        """pred [N, L, p*p*3] -> images [N, 3, H, W] in the input's normalisation; undoes
-        norm_pix_loss with each patch's own statistics, for pictures."""
+        """pred [N, L, p*p*3] -> images [N, 3, H, W] as the input is normalised (norm_pix_loss undone), for pictures."""
         if self.norm_pix_loss:
             target = patchify(imgs, self.patch_size)
             pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
@@ -222,7 +193,6 @@ class MaskedAutoencoderViT(nn.Module):
 
 
 # --- model builders (MAE Table 1 / models_mae.py; decoder 512-d, 8 blocks, 16 heads) ---
-
 MODELS = {
     "mae_vit_base_patch16": partial(MaskedAutoencoderViT, patch_size=16, embed_dim=768, depth=12, num_heads=12),
     "mae_vit_large_patch16": partial(MaskedAutoencoderViT, patch_size=16, embed_dim=1024, depth=24, num_heads=16),
@@ -234,17 +204,12 @@ MODELS = {
 
 
 def load_pretrained(model, checkpoint):
-    """Load an official (or our) MAE pre-training checkpoint, a path or a state_dict.
-
-    A full pre-training state_dict (mae_visualize_vit_large.pth, our checkpoints) loads strictly.
-    The official mae_pretrain_vit_*.pth hold the encoder only: every encoder key must match,
-    and the names of the absent decoder keys are returned (they keep their fresh init).
-    """
+    """Load an official (or our) MAE pre-training checkpoint, a path or a state_dict. The official
+    mae_pretrain_vit_*.pth hold the encoder only: returns the decoder keys it lacks (they keep their init)."""
     state = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
     state = state.get("model", state)
-    ours = model.state_dict()
-    unexpected = sorted(set(state) - set(ours))
-    missing = sorted(set(ours) - set(state))
+    unexpected = sorted(set(state) - set(model.state_dict()))
+    missing = sorted(set(model.state_dict()) - set(state))
     encoder_missing = [k for k in missing if not k.startswith(("decoder_", "mask_token"))]
     if unexpected or encoder_missing:
         raise ValueError(f"checkpoint does not fit {type(model).__name__}: unexpected {unexpected[:5]}, "
@@ -257,18 +222,16 @@ def load_pretrained(model, checkpoint):
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="MAE pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="mae_vit_base_patch16", help=f"one of: {', '.join(MODELS)}")
-    p.add_argument("--data", default=None, help="image folder (DIR/train/<class>/*, DIR/<class>/* or flat); "
-                                                "none: the built-in data set")
+    p.add_argument("--data", default=None, help="images: DIR/train/<class>/*, DIR/<class>/* or flat; none: built-in")
     p.add_argument("--builtin_images", type=int, default=4096, help="size of the built-in data set (no --data)")
     p.add_argument("--input_size", type=int, default=None, help="image size; default: the model's (224, tiny: 32)")
     p.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches hidden (§4: 75 %%)")
     p.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=True,
-                   help="per-patch normalised pixel targets (PRETRAIN.md recipe)")
+                   help="targets: each patch normalised by its own mean and std (§3, the recipe)")
     # optimisation (MAE Table 8: AdamW, blr 1.5e-4, batch 4096, wd 0.05, cosine, 40 warmup epochs)
     p.add_argument("--epochs", type=int, default=800)
     p.add_argument("--warmup_epochs", type=int, default=40)
-    p.add_argument("--batch_size", type=int, default=64,
-                   help="per process; effective = batch_size x accum_iter x processes")
+    p.add_argument("--batch_size", type=int, default=64, help="per process (effective: x accum_iter x processes)")
     p.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr x effective batch / 256")
     p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
@@ -284,21 +247,18 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--save_every", type=int, default=20, help="keep a copy of the checkpoint every N epochs")
     p.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
-    args = p.parse_args(argv)
-    check_args(args)
-    return args
+    return check_args(p.parse_args(argv))
 
 
 def check_args(args):
-    """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts."""
+    """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts; returns args."""
     if args.model not in MODELS:
         sys.exit(f"error: --model {args.model} is unknown; choose one of: {', '.join(MODELS)}")
-    for allowed, ok, flags in (("at least 1", lambda v: v >= 1, ("epochs", "batch_size", "accum_iter", "save_every",
-                                                                 "log_every", "builtin_images")),
-                               ("at least 0", lambda v: v >= 0, ("warmup_epochs", "num_workers", "blr", "lr", "min_lr",
-                                                                 "weight_decay", "clip_grad")),
-                               ("in (0, 1)", lambda v: 0 < v < 1, ("mask_ratio",))):
-        for flag in flags:                                              # None: a default computed later
+    ranges = {"at least 1": (lambda v: v >= 1, "epochs batch_size accum_iter save_every log_every builtin_images"),
+              "at least 0": (lambda v: v >= 0, "warmup_epochs num_workers blr lr min_lr weight_decay clip_grad"),
+              "in (0, 1)": (lambda v: 0 < v < 1, "mask_ratio")}
+    for allowed, (ok, flags) in ranges.items():
+        for flag in flags.split():                                      # None: a default computed later
             value = getattr(args, flag)
             if value is not None and not (math.isfinite(value) and ok(value)):
                 sys.exit(f"error: --{flag} must be a finite number {allowed}, got {value}")
@@ -309,13 +269,13 @@ def check_args(args):
         sys.exit(f"error: --input_size {args.input_size} is not a positive multiple of {args.model}'s patch size "
                  f"{patch}; try {max(args.input_size // patch, 1) * patch}")
     args.output_dir = args.output_dir or os.path.join("output", args.model)
+    return args
 
 
 # --- training (MAE §4 / main_pretrain.py + engine_pretrain.py) ---
 def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases and norms (1-D) nor on the cls and mask tokens. The official
-    decays the tokens too (timm's rule skips 1-D tensors only, and they are 3-D); we keep one rule for all
-    five methods, and it concerns two vectors of D values."""
+    """AdamW groups: no weight decay on biases, norms (1-D) and the cls and mask tokens. The official decays the
+    tokens (3-D, while timm's rule skips 1-D only); we keep one rule for the five methods: it is 2 x D values."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:                                             # fixed pos embeds are not trained
@@ -346,9 +306,8 @@ def count_ranks(flag, group=None):
 
 
 def save_training_state(paths, model, optimizer, scaler, args, **position):
-    """Rank 0 writes the state to each of `paths`, atomically: a crash mid-write, even of the machine, leaves
-    the old file or the whole new one. Weights that are not finite (an update diverged after its loss was
-    checked) stop every rank instead, so the files keep the last good state."""
+    """Rank 0 writes the state to each of `paths` atomically (temp file, fsync, rename). Weights that are not finite
+    (a step diverged after its loss was checked) stop every rank instead: the files keep the last good state."""
     if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
         sys.exit(f"error: the weights are not finite (the last step diverged); not saving. "
                  f"The last good checkpoint is {paths[0]}; resume from it with a lower --blr or --amp none")
@@ -365,29 +324,26 @@ def save_training_state(paths, model, optimizer, scaler, args, **position):
 
 
 def resume(args, model, optimizer, scaler, world_size, host_group, log):
-    """--resume FILE, or 'auto': output_dir/checkpoint-last.pth if it exists. Restores the weights, optimizer
-    and scaler; returns where to go on: (epoch, batch in epoch), (0, 0) for a fresh start."""
+    """--resume FILE or 'auto' (output_dir/checkpoint-last.pth if present): the training state, (epoch, batch)."""
     path = os.path.join(args.output_dir, "checkpoint-last.pth") if args.resume == "auto" else args.resume
     seen = count_ranks(bool(path) and os.path.isfile(path), host_group)   # every rank must load the same
-    if 0 < seen < world_size:                                           # e.g. --output_dir on each node's disk
-        sys.exit(f"error: --resume {path} exists for {seen} of {world_size} processes; put it and --output_dir "
-                 f"on a file system that every node shares")
-    if not path or (args.resume == "auto" and not seen):
+    if not seen and args.resume in ("", "auto"):
         return 0, 0
-    if not seen:
-        sys.exit(f"error: --resume {path}: no such file")
+    if seen < world_size:                                               # e.g. --output_dir on each node's disk
+        sys.exit(f"error: --resume {path} exists for {seen} of {world_size} processes; give a file that exists, "
+                 f"on a file system that every node shares")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        found = ckpt["args"]["model"]
     except Exception as e:
-        sys.exit(f"error: --resume {path}: not a readable checkpoint ({type(e).__name__})")
-    found = ckpt.get("args", {}).get("model", "no model name") if isinstance(ckpt, dict) else "not a dict"
-    if found != args.model or "model" not in ckpt:
-        sys.exit(f"error: --resume {path} is not a {args.model} training checkpoint ({found}); "
-                 f"pass --model to match it or start a new --output_dir")
+        sys.exit(f"error: --resume {path}: not a training checkpoint of ours ({type(e).__name__})")
+    if found != args.model:
+        sys.exit(f"error: --resume {path} is a {found} checkpoint, not {args.model}; pass --model {found} or "
+                 f"start a new --output_dir")
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, ValueError) as e:                             # other shapes, or other param groups
+    except (KeyError, RuntimeError, ValueError) as e:                   # other shapes, or other param groups
         sys.exit(f"error: --resume {path} does not fit {args.model} at --input_size {args.input_size} "
                  f"({str(e).strip().splitlines()[-1].strip()})")
     if ckpt["scaler"] and scaler.is_enabled():                          # empty unless saved by an fp16 run
@@ -407,8 +363,7 @@ def save_reconstruction(model, imgs, noise, mask_ratio, path):
     model.eval()
     _, pred, mask = model(imgs, mask_ratio, noise)
     model.train()
-    p = model.patch_size
-    hidden = unpatchify(mask[..., None].expand(-1, -1, p * p * 3), p).cpu()  # [N, 3, H, W], 1 = hidden
+    hidden = unpatchify(mask[..., None].expand_as(pred), model.patch_size).cpu()   # [N, 3, H, W], 1 = hidden
     std, mean = torch.tensor(IMAGENET_STD).view(3, 1, 1), torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     orig = imgs.cpu() * std + mean                                     # back to [0, 1] pixels
     recon = model.pred_to_pixels(imgs, pred.float()).cpu() * std + mean
@@ -468,36 +423,25 @@ def main(args):
     args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-                if amp != "none" else nullcontext())
+    autocast = torch.autocast(device.type, torch.bfloat16 if amp == "bf16" else torch.float16, amp != "none")
     log(f"{args.model} | {sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.1f} M params | "
         f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {world_size} | lr {args.lr:.3g} | "
         f"{steps_per_epoch} steps/epoch | amp {amp} | {device}")
 
-    # 7. schedule: warmup + cosine, the lr set before every optimizer step from the fractional epoch (in 9)
+    # 7. schedule: warmup + cosine, the lr set at every optimizer step from the fractional epoch (in 9)
     # 8. resume: weights, optimizer, scaler and the position (epoch, batch in epoch)
     epoch, batch_in_epoch = resume(args, model_without_ddp, optimizer, scaler, world_size, host_group, log)
     path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    save_state = partial(save_training_state, model=model_without_ddp, optimizer=optimizer, scaler=scaler,
-                         args=args, world_size=world_size)
     stop = []                                                           # SIGTERM: save at the next step, exit 0
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
 
     # 9. loop: one optimizer step per accum_iter micro-batches
-    model.train()
-    stopping = False
+    stopping, loss_sum, n_summed, t_log = False, torch.zeros((), device=device), 0, time.time()
     while epoch < args.epochs and not stopping:
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip_batches = batch_in_epoch
-        loss_sum, n_summed, t_log = torch.zeros((), device=device), 0, time.time()
         for imgs, noise in itertools.islice(loader, batches_per_epoch - batch_in_epoch):
-            if batch_in_epoch % args.accum_iter == 0:
-                lr = cosine_lr(epoch + batch_in_epoch / batches_per_epoch, args.lr, args.min_lr,
-                               args.warmup_epochs, args.epochs)
-                set_lr(optimizer, lr)
             imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
-            # what the model draws (drop path) comes from a stream keyed by rank and micro-batch: resume is exact
-            torch.manual_seed(args.seed + rank + world_size * (epoch * batches_per_epoch + batch_in_epoch))
             batch_in_epoch += 1
             last_micro = batch_in_epoch % args.accum_iter == 0
             # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs
@@ -508,6 +452,9 @@ def main(args):
             n_summed += 1
             if not last_micro:
                 continue
+            lr = cosine_lr(epoch + (batch_in_epoch - args.accum_iter) / batches_per_epoch, args.lr, args.min_lr,
+                           args.warmup_epochs, args.epochs)                   # at the step's first micro-batch
+            set_lr(optimizer, lr)
             if args.clip_grad:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
@@ -534,8 +481,9 @@ def main(args):
         if not stopping:
             epoch, batch_in_epoch = epoch + 1, 0
         keep = not stopping and (epoch % args.save_every == 0 or epoch == args.epochs)   # a copy every save_every
-        save_state([path_last] + [os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")] * keep,
-                   epoch=epoch, batch_in_epoch=batch_in_epoch)
+        save_training_state([path_last] + [os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")] * keep,
+                            model_without_ddp, optimizer, scaler, args, world_size=world_size, epoch=epoch,
+                            batch_in_epoch=batch_in_epoch)
         if stopping:
             log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
         elif is_main:
