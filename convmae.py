@@ -1,18 +1,15 @@
 """ConvMAE: a masked autoencoder whose encoder is a hybrid convolution-transformer pyramid.
 
-Two stages of convolution blocks at 1/4 and 1/8 resolution feed a transformer stage at 1/16; one random
-mask drawn on the 1/16 grid (75 %, as MAE) is upsampled to the convolution stages, whose 5x5 depthwise
-convolutions see only visible positions ("masked convolution"), so the transformer stage can drop the hidden
-tokens exactly as MAE does. The stage-1 and stage-2 outputs are strided down to 1/16 and added to the visible
-tokens (multi-scale fusion); an MAE decoder predicts the pixels of hidden 16x16 patches. Here the convolution
-stages run their per-position layers on the visible units only (CBlock says what that saves).
+Convolution stages at 1/4 and 1/8 resolution feed a transformer stage at 1/16. One random mask on the 1/16 grid
+(75 %, as MAE), upsampled to the convolution stages, lets their 5x5 depthwise convolutions see only visible positions
+("masked convolution") and the transformer drop the hidden tokens as MAE does. The stage-1 and stage-2 outputs,
+strided to 1/16, are added to the visible tokens (multi-scale fusion); an MAE decoder predicts hidden 16x16 patches.
 
 Paper: Gao et al., "ConvMAE: Masked Convolution Meets Masked Autoencoders", NeurIPS 2022,
 https://arxiv.org/abs/2205.03892. Official code: https://github.com/Alpha-VL/ConvMAE.
-This file rebuilds the official pre-training model with plain PyTorch: same state_dict,
-same numbers (tests/test_convmae.py checks it against fixtures made by the official code).
-Copy it with common.py and it runs as it does here; inside a package, make the `from common import` line
-relative. The model needs only torch, torchvision's stochastic_depth and common's patchify/unpatchify.
+Same state_dict and numbers as the official pre-training model (tests/test_convmae.py: fixtures from its code).
+Copy it with common.py and it runs as here; in a package, make the `from common import` line relative. The model
+needs only torch, torchvision's stochastic_depth and common's patchify/unpatchify.
 
     python convmae.py --model convmae_convvit_tiny --epochs 5 --warmup_epochs 1   # CPU demo, built-in data
     torchrun --nproc_per_node=8 convmae.py --data /imagenet                       # 8 x 128 = 1024 per step
@@ -41,15 +38,13 @@ from torchvision.utils import save_image
 from common import (IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_checkpoint, load_images, patchify, pretrain_loader,
                     set_lr, unpatchify)
 
-# Conventions: N batch, L mask units (16x16 patches of the 1/16 grid), D width, p patch size.
-# mask: 1 = hidden, 0 = visible. The convolution stages keep their maps channels-last,
-# [N, H, W, C]: LayerNorm acts on the last axis and the convolutions read that memory directly.
+# Conventions: N batch, L mask units (16x16 patches of the 1/16 grid), D width, p patch size; mask 1 = hidden.
 
 
 # --- building blocks (parameter names as in the official vision_transformer.py) ---
 class Conv(nn.Conv2d):
-    """nn.Conv2d (its weights, init and state_dict) on channels-last maps [N, H, W, C]. The permutes are views:
-    oneDNN convolves channels-last memory faster on CPU than NCHW, and, for 1x1 kernels, faster than a matmul."""
+    """nn.Conv2d on the channels-last maps [N, H, W, C] of stages 1-2 (LayerNorm acts on the last axis). The permutes
+    are views: oneDNN convolves channels-last memory faster on CPU than NCHW, and 1x1 kernels faster than a matmul."""
 
     def forward(self, x):
         return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -62,14 +57,13 @@ def patch_embed(patch_size, in_chans, dim):
 
 
 class CBlock(nn.Module):
-    """Convolution block of stages 1-2: a 5x5 depthwise convolution between two 1x1 convolutions takes the
-    place of self-attention (hence its official name `attn`). Drop path is for fine-tuning (whole maps).
+    """Convolution block of stages 1-2: a 5x5 depthwise convolution (official name `attn`) between two 1x1
+    convolutions takes the place of self-attention. Drop path is for fine-tuning (whole maps).
 
-    x is whole maps [N, H, W, C] or, in masked pre-training, the visible units' tiles [N*K, s, s, C] with
-    `units` = (ids [N, K], grid). Every layer but the depthwise convolution acts per position, so it runs on
-    the tiles only, a quarter of the positions at mask ratio 0.75: those layers hold nearly all the FLOPs
-    (10 C^2 multiply-adds a position, the depthwise kernel 25 C). The depthwise convolution still runs on the
-    full canvas: the tiles pasted on zeros (the paper's masked convolution), convolved, cut back to tiles."""
+    x: whole maps [N, H, W, C], or in masked pre-training the visible units' tiles [N*K, s, s, C], `units` =
+    (ids [N, K], grid). The per-position layers (10 C^2 multiply-adds a position, nearly all the FLOPs) run on the
+    tiles only, a quarter of the positions at mask ratio 0.75; the depthwise convolution (25 C) on the full canvas:
+    tiles pasted on zeros (the paper's masked convolution), convolved, cut back to tiles."""
 
     def __init__(self, dim, mlp_ratio=4.0, drop_path=0.0):
         super().__init__()
@@ -89,56 +83,43 @@ class CBlock(nn.Module):
         return x + stochastic_depth(self.mlp(self.norm2(x)), self.drop_path, "row", self.training)
 
 
-class Attention(nn.Module):
-    def __init__(self, dim, num_heads):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):                                               # [N, T, D]
-        N, T, D = x.shape
-        qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                            # [N, heads, T, D/heads] each
-        x = F.scaled_dot_product_attention(q, k, v)                     # softmax(q k^T / sqrt(D/heads)) v
-        return self.proj(x.transpose(1, 2).reshape(N, T, D))
-
-
 class Block(nn.Module):
-    """Pre-norm transformer block of stage 3 and the decoder (timm's names, LayerNorm eps 1e-6)."""
+    """Pre-norm transformer block of stage 3 and the decoder (timm's names, LayerNorm eps 1e-6); nh heads of size hs."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
         super().__init__()
+        self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
+        self.attn = nn.ModuleDict(dict(qkv=nn.Linear(dim, dim * 3), proj=nn.Linear(dim, dim)))
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
         self.drop_path = drop_path
 
+    def attention(self, x):                                             # [N, T, D]
+        q, k, v = self.attn.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)  # [N, nh, T, hs]
+        x = F.scaled_dot_product_attention(q, k, v)                     # softmax(q k^T / sqrt(hs)) v
+        return self.attn.proj(x.transpose(1, 2).flatten(2))
+
     def forward(self, x):                                               # [N, T, D]
-        x = x + stochastic_depth(self.attn(self.norm1(x)), self.drop_path, "row", self.training)
+        x = x + stochastic_depth(self.attention(self.norm1(x)), self.drop_path, "row", self.training)
         return x + stochastic_depth(self.mlp(self.norm2(x)), self.drop_path, "row", self.training)
 
 
 def sincos_pos_embed(dim, grid_size):
-    """Fixed 2-D sin-cos position embedding [g*g, dim] (MAE §A.1; ConvMAE has no cls token). The first dim/2
-    channels encode the column index, the last dim/2 the row index; each half is [sin(pos * omega),
-    cos(pos * omega)] with omega_i = 10000^(-i / (dim/4))."""
+    """Fixed 2-D sin-cos position embedding [g*g, dim] (MAE §A.1; ConvMAE has no cls token): [sin, cos] of
+    pos * omega_i, omega_i = 10000^(-i / (dim/4)), for the column index (first dim/2 channels), then the row."""
     assert dim % 4 == 0, f"sin-cos embedding needs a width divisible by 4, got {dim}"
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     pos = torch.arange(grid_size, dtype=torch.float64)
-    halves = []
-    for p in (pos.repeat(grid_size), pos.repeat_interleave(grid_size)):   # column, row of each unit, row-major
-        angle = p[:, None] * omega[None]                               # [g*g, dim/4]
-        halves += [angle.sin(), angle.cos()]
-    return torch.cat(halves, dim=1).float()                             # [g*g, dim]
+    pos = torch.stack([pos.repeat(grid_size), pos.repeat_interleave(grid_size)], dim=1)   # [g*g, 2]: column, row
+    angle = pos[..., None] * omega                                      # [g*g, 2, dim/4]
+    return torch.stack([angle.sin(), angle.cos()], dim=2).flatten(1).float()   # [g*g, dim]
 
 
 # --- block-wise masking: one MAE mask on the 1/16 grid, shared by every stage ---
 def random_masking(noise, mask_ratio):
-    """Keep the L_keep = int(L * (1 - mask_ratio)) units with the smallest noise (MAE §3).
-
+    """Keep the L_keep = int(L * (1 - mask_ratio)) units with the smallest noise (MAE §3):
     noise [N, L] -> ids_keep [N, L_keep] (in order of increasing noise), mask [N, L] (1 = hidden),
     ids_restore [N, L]: each unit's rank; gather with it to put [kept, hidden] tokens in image order."""
     len_keep = int(noise.shape[1] * (1 - mask_ratio))
@@ -152,18 +133,15 @@ def cut_tiles(x, ids, grid):
     """The tiles of units `ids` [N, K] of a g x g unit grid: x [N, g*s, g*s, C] -> [N*K, s, s, C].
     A unit is 16x16 pixels, 4x4 stage-1 positions, 2x2 stage-2 positions: the mask upsampled to a stage is a
     set of whole tiles, which later stages never split (their strides divide s)."""
-    N, H, W, C = x.shape
-    s = H // grid
-    units = x.view(N, grid, s, grid, s, C).transpose(2, 3).reshape(N, grid * grid, s, s, C)
-    return units[torch.arange(N, device=x.device)[:, None], ids].flatten(0, 1)
+    units = x.unflatten(1, (grid, -1)).unflatten(3, (grid, -1)).transpose(2, 3).flatten(1, 2)   # [N, g*g, s, s, C]
+    return units[torch.arange(x.shape[0], device=x.device)[:, None], ids].flatten(0, 1)
 
 
 def paste_tiles(tiles, ids, grid):
     """cut_tiles undone: tiles [N*K, s, s, C] back in place on a zero canvas [N, g*s, g*s, C]."""
-    N, (s, C) = ids.shape[0], tiles.shape[-2:]
-    canvas = tiles.new_zeros(N, grid * grid, s, s, C)
-    canvas = canvas.index_put((torch.arange(N, device=ids.device)[:, None], ids), tiles.unflatten(0, ids.shape))
-    return canvas.view(N, grid, grid, s, s, C).transpose(2, 3).reshape(N, grid * s, grid * s, C)
+    canvas = tiles.new_zeros(ids.shape[0], grid * grid, *tiles.shape[1:])   # [N, g*g, s, s, C]
+    canvas[torch.arange(ids.shape[0], device=ids.device)[:, None], ids] = tiles.unflatten(0, ids.shape)
+    return canvas.unflatten(1, (grid, grid)).transpose(2, 3).flatten(3, 4).flatten(1, 2)
 
 
 def gather(x, ids):
@@ -183,8 +161,8 @@ class MaskedAutoencoderConvViT(nn.Module):
             raise ValueError(f"img_size {img_size} is not a multiple of the total stride {self.patch_size}")
         self.grid = img_size // self.patch_size                         # mask units per side
         self.norm_pix_loss = norm_pix_loss
-        D1, D2, D3 = embed_dim
-        dpr = [drop_path_rate * i / max(sum(depth) - 1, 1) for i in range(sum(depth))]  # stochastic depth rule
+        (D1, D2, D3), Dd = embed_dim, decoder_embed_dim
+        dpr = iter([drop_path_rate * i / max(sum(depth) - 1, 1) for i in range(sum(depth))])  # stochastic depth rule
 
         # encoder, built in the official order (the seeded init depends on it)
         self.patch_embed1 = patch_embed(p1, in_chans, D1)
@@ -193,39 +171,33 @@ class MaskedAutoencoderConvViT(nn.Module):
         self.patch_embed4 = nn.Linear(D3, D3)
         self.stage1_output_decode = Conv(D1, D3, p2 * p3, stride=p2 * p3)   # multi-scale fusion
         self.stage2_output_decode = Conv(D2, D3, p3, stride=p3)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, D3), requires_grad=False)
-        self.blocks1 = nn.ModuleList([CBlock(D1, mlp_ratio[0], dpr[i]) for i in range(depth[0])])
-        self.blocks2 = nn.ModuleList([CBlock(D2, mlp_ratio[1], dpr[depth[0] + i]) for i in range(depth[1])])
-        self.blocks3 = nn.ModuleList([Block(D3, num_heads, mlp_ratio[2], dpr[depth[0] + depth[1] + i])
-                                      for i in range(depth[2])])
+        self.pos_embed = nn.Parameter(sincos_pos_embed(D3, self.grid)[None], requires_grad=False)   # fixed
+        self.blocks1 = nn.ModuleList([CBlock(D1, mlp_ratio[0], next(dpr)) for _ in range(depth[0])])
+        self.blocks2 = nn.ModuleList([CBlock(D2, mlp_ratio[1], next(dpr)) for _ in range(depth[1])])
+        self.blocks3 = nn.ModuleList([Block(D3, num_heads, mlp_ratio[2], next(dpr)) for _ in range(depth[2])])
         self.norm = nn.LayerNorm(D3, eps=1e-6)
 
         # decoder: MAE's, without a cls token
-        self.decoder_embed = nn.Linear(D3, decoder_embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, decoder_embed_dim), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio[0])
-                                             for _ in range(decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size ** 2 * in_chans)
+        self.decoder_embed = nn.Linear(D3, Dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(Dd, self.grid)[None], requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([Block(Dd, decoder_num_heads, mlp_ratio[0]) for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
+        self.decoder_pred = nn.Linear(Dd, self.patch_size ** 2 * in_chans)
         self.initialize_weights()
 
     def initialize_weights(self):
-        """Official init: sin-cos positions, xavier-uniform linears; convolutions and LayerNorms keep PyTorch's."""
-        self.pos_embed.data.copy_(sincos_pos_embed(self.pos_embed.shape[-1], self.grid)[None])
-        self.decoder_pos_embed.data.copy_(sincos_pos_embed(self.decoder_pos_embed.shape[-1], self.grid)[None])
-        w = self.patch_embed3.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))                 # the last stride-2 conv as a linear layer
+        """Official init: xavier-uniform linears; convolutions and LayerNorms keep PyTorch's."""
+        nn.init.xavier_uniform_(self.patch_embed3.proj.weight.data.flatten(1))   # the last conv as a linear layer
         nn.init.normal_(self.mask_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def _conv_stages(self, imgs, ids=None, fuse=True):
-        """Stages 1-2 and the stage-3 embedding, on the units `ids` [N, K] only (masked, K visible
-        units each) or on all L units. imgs [N, 3, H, W] -> tokens [N, K or L, D] with their
-        positions, and (if fuse) the multi-scale features of the same units [N, K or L, D]."""
+    def _conv_stages(self, imgs, ids=None):
+        """Stages 1-2 and the stage-3 embedding, on the units `ids` [N, K] only (masked) or on all L units.
+        imgs [N, 3, H, W] -> tokens [N, K or L, D] with their positions, the stage-1 and stage-2 maps."""
         if imgs.shape[-2:] != (self.grid * self.patch_size,) * 2:
             raise ValueError(f"images are {tuple(imgs.shape[-2:])}, this model was built for "
                              f"{self.grid * self.patch_size} px (pass img_size= to the builder)")
@@ -239,20 +211,19 @@ class MaskedAutoencoderConvViT(nn.Module):
         x = self.patch_embed2(x)                                        # [N*K, 2, 2, D2] or [N, H/8, W/8, D2]
         for blk in self.blocks2:
             x = blk(x, units)
-        fused = self.stage1_output_decode(stage1) + self.stage2_output_decode(x) if fuse else None
-        x = self.patch_embed4(self.patch_embed3(x))                     # [N*K, 1, 1, D] or [N, H/16, W/16, D]
-        N, D = imgs.shape[0], x.shape[-1]
-        return x.reshape(N, -1, D) + pos, fused.reshape(N, -1, D) if fuse else None
+        tokens = self.patch_embed4(self.patch_embed3(x))                # [N*K, 1, 1, D] or [N, H/16, W/16, D]
+        return tokens.reshape(imgs.shape[0], -1, tokens.shape[-1]) + pos, stage1, x
 
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         """imgs [N, 3, H, W] -> latent [N, L_keep, D], mask [N, L], ids_restore [N, L]."""
         if noise is None:
             noise = torch.rand(imgs.shape[0], self.grid ** 2, device=imgs.device)
         ids_keep, mask, ids_restore = random_masking(noise, mask_ratio)
-        x, fused = self._conv_stages(imgs, ids_keep)                    # [N, L_keep, D]: visible units only
+        x, stage1, stage2 = self._conv_stages(imgs, ids_keep)           # [N, L_keep, D]: visible units only
+        fused = self.stage1_output_decode(stage1) + self.stage2_output_decode(stage2)   # multi-scale fusion
         for blk in self.blocks3:                                        # MAE §3: visible tokens only
             x = blk(x)
-        return self.norm(x + fused), mask, ids_restore
+        return self.norm(x + fused.reshape(x.shape)), mask, ids_restore
 
     def forward_decoder(self, latent, ids_restore):
         """latent [N, L_keep, D] -> pred [N, L, p*p*3]: pixels of every unit, in image order."""
@@ -265,8 +236,8 @@ class MaskedAutoencoderConvViT(nn.Module):
         return self.decoder_pred(self.decoder_norm(x))
 
     def forward_loss(self, imgs, pred, mask):
-        """MAE's loss: mean squared error over hidden units, each target patch normalised by its
-        own mean and (unbiased) variance when norm_pix_loss."""
+        """MAE's loss: mean squared error over hidden units; norm_pix_loss normalises each target patch by its
+        own mean and (unbiased) variance."""
         target = patchify(imgs, self.patch_size)                        # [N, L, p*p*3]
         if self.norm_pix_loss:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
@@ -282,14 +253,13 @@ class MaskedAutoencoderConvViT(nn.Module):
     def forward_features(self, imgs):
         """The encoder on all units, as the official fine-tuning model (models_convvit.py) runs it: no masking,
         no multi-scale fusion, no `norm` (it pools, then applies its own fc_norm). [N, 3, H, W] -> [N, L, D]."""
-        x, _ = self._conv_stages(imgs, fuse=False)
+        x = self._conv_stages(imgs)[0]
         for blk in self.blocks3:
             x = blk(x)
         return x
 
     def pred_to_pixels(self, imgs, pred):
-        """pred [N, L, p*p*3] -> images [N, 3, H, W] in the input's normalisation; undoes norm_pix_loss with
-        each patch's own statistics, for pictures."""
+        """pred [N, L, p*p*3] -> images [N, 3, H, W]; undoes norm_pix_loss with each patch's own statistics."""
         if self.norm_pix_loss:
             target = patchify(imgs, self.patch_size)
             pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
@@ -308,14 +278,12 @@ MODELS = {
 
 
 def load_pretrained(model, checkpoint):
-    """Load an official (or our) ConvMAE pre-training checkpoint, a path or a state_dict. A full one (the
-    official ConvMAE-B release, ours) loads strictly. An encoder-only one loads too: every encoder key must
-    match, and the names of the absent decoder keys are returned (they keep their fresh init)."""
+    """Load an official (or our) ConvMAE pre-training checkpoint, path or state_dict: a full one strictly (ConvMAE-B,
+    ours); an encoder-only one if every encoder key matches, returning the absent decoder keys (fresh init)."""
     state = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
     state = state.get("model", state)
-    ours = model.state_dict()
-    unexpected = sorted(set(state) - set(ours))
-    missing = sorted(set(ours) - set(state))
+    ours = model.state_dict().keys()
+    unexpected, missing = sorted(state.keys() - ours), sorted(ours - state.keys())
     encoder_missing = [k for k in missing if not k.startswith(("decoder_", "mask_token"))]
     if unexpected or encoder_missing:
         raise ValueError(f"checkpoint does not fit {type(model).__name__}: unexpected {unexpected[:5]}, "
@@ -329,8 +297,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="ConvMAE pre-training",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="convmae_convvit_base_patch16", help=f"one of: {', '.join(MODELS)}")
-    p.add_argument("--data", default=None, help="image folder (DIR/train/<class>/*, DIR/<class>/* or flat); "
-                                                "none: the built-in data set")
+    p.add_argument("--data", help="image folder (DIR/train/<class>/*, DIR/<class>/* or flat); none: built-in images")
     p.add_argument("--builtin_images", type=int, default=4096, help="size of the built-in data set (no --data)")
     p.add_argument("--input_size", type=int, default=None, help="image size; default: the model's (224, tiny: 32)")
     p.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of 16x16 units hidden (75 %%, as MAE)")
@@ -339,8 +306,7 @@ def get_args(argv=None):
     # optimisation (PRETRAIN.md: AdamW, blr 1.5e-4, 128 per GPU, wd 0.05, cosine, 40 warmup epochs, 1600 epochs)
     p.add_argument("--epochs", type=int, default=1600)
     p.add_argument("--warmup_epochs", type=int, default=40)
-    p.add_argument("--batch_size", type=int, default=128,
-                   help="per process; effective = batch_size x accum_iter x processes")
+    p.add_argument("--batch_size", type=int, default=128, help="per process; x accum_iter x ranks = effective batch")
     p.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr x effective batch / 256")
     p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
@@ -356,20 +322,18 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--save_every", type=int, default=20, help="keep a copy of the checkpoint every N epochs")
     p.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
-    args = p.parse_args(argv)
-    check_args(args)
-    return args
+    return check_args(p.parse_args(argv))
 
 
 def check_args(args):
-    """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts."""
+    """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts; returns args."""
     if args.model not in MODELS:
         sys.exit(f"error: --model {args.model} is unknown; choose one of: {', '.join(MODELS)}")
     ranges = {"at least 1": (lambda v: v >= 1, "epochs batch_size accum_iter save_every log_every builtin_images"),
               "at least 0": (lambda v: v >= 0, "warmup_epochs num_workers blr lr min_lr weight_decay clip_grad"),
               "in (0, 1)": (lambda v: 0 < v < 1, "mask_ratio")}
     for allowed, (ok, flags) in ranges.items():
-        for flag in flags.split():                                              # None: a default computed later
+        for flag in flags.split():                                      # None: a default computed later
             value = getattr(args, flag)
             if value is not None and not (math.isfinite(value) and ok(value)):
                 sys.exit(f"error: --{flag} must be a finite number {allowed}, got {value}")
@@ -380,6 +344,7 @@ def check_args(args):
         sys.exit(f"error: --input_size {args.input_size} is not a positive multiple of {args.model}'s patch size "
                  f"{patch}; try {max(args.input_size // patch, 1) * patch}")
     args.output_dir = args.output_dir or os.path.join("output", args.model)
+    return args
 
 
 # --- training (main_pretrain.py + engine_pretrain.py) ---

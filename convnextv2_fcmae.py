@@ -341,7 +341,7 @@ def check_args(args):
               "at least 0": (lambda v: v >= 0, "warmup_epochs num_workers blr lr min_lr weight_decay clip_grad"),
               "in (0, 1)": (lambda v: 0 < v < 1, "mask_ratio")}
     for allowed, (ok, flags) in ranges.items():
-        for flag in flags.split():                                              # None: a default computed later
+        for flag in flags.split():                                      # None: a default computed later
             value = getattr(args, flag)
             if value is not None and not (math.isfinite(value) and ok(value)):
                 sys.exit(f"error: --{flag} must be a finite number {allowed}, got {value}")

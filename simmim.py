@@ -515,7 +515,7 @@ def check_args(args):
                                                "clip_grad"),
               "in (0, 1)": (lambda v: 0 < v < 1, "mask_ratio")}
     for allowed, (ok, flags) in ranges.items():
-        for flag in flags.split():                                              # None: a default computed later
+        for flag in flags.split():                                      # None: a default computed later
             value = getattr(args, flag)
             if value is not None and not (math.isfinite(value) and ok(value)):
                 sys.exit(f"error: --{flag} must be a finite number {allowed}, got {value}")
