@@ -1,19 +1,16 @@
 """SimMIM: mask random 32x32 patches, encode the whole image with mask tokens, predict the hidden pixels.
 
-The encoder (a ViT or a Swin Transformer) sees every patch, hidden ones replaced by a learned
-mask token; a one-layer head (a 1x1 convolution and a pixel shuffle) maps its output back to
-full resolution. The target is the input image itself, as the data pipeline hands it: each
-channel normalised by the ImageNet mean and std, nothing per patch (MAE's norm_pix_loss has no
-counterpart here); the loss is the mean absolute error over the hidden pixels and the 3 channels.
-Masks are drawn on a 32-px grid (60 %), coarser than the encoder's patches, so that hidden
-pixels cannot be copied from visible neighbours.
+The encoder (a ViT or a Swin Transformer) sees every patch, hidden ones replaced by a learned mask token; a
+one-layer head (a 1x1 convolution, a pixel shuffle) maps its output back to full resolution. The target is the
+input as the data pipeline hands it, each channel normalised by the ImageNet mean and std, nothing per patch (MAE's
+norm_pix_loss has no counterpart here); the loss is the mean absolute error over the hidden pixels and 3 channels.
+Masks are drawn on a 32-px grid (60 %), coarser than the encoder's patches: hidden pixels can't be copied from
+visible neighbours.
 
-Paper: Xie et al., "SimMIM: A Simple Framework for Masked Image Modeling", CVPR 2022,
-https://arxiv.org/abs/2111.09886. Official code: https://github.com/microsoft/SimMIM.
-This file rebuilds the official pre-training models with plain PyTorch: same state_dict,
-same numbers (tests/test_simmim.py checks it against fixtures made by the official code).
-Copy it with common.py and it runs as it does here; inside a package, make the `from common import` line
-relative. The models need only torch and torchvision's stochastic_depth.
+Paper: Xie et al., "SimMIM: A Simple Framework for Masked Image Modeling", CVPR 2022, https://arxiv.org/abs/2111.09886
+Official code: https://github.com/microsoft/SimMIM; same state_dict, same numbers (tests/test_simmim.py checks
+fixtures made by it). Copy this file with common.py and it runs as here; inside a package, make the `from common
+import` line relative. The models need only torch and torchvision's stochastic_depth.
 
     python simmim.py --model simmim_vit_tiny --epochs 5 --warmup_epochs 1          # CPU demo
     torchrun --nproc_per_node=8 simmim.py --data /imagenet --accum_iter 2          # ViT-B: 128 x 8 x 2 = 2048
@@ -43,19 +40,26 @@ from torchvision.utils import save_image
 from common import (BILINEAR, IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_checkpoint, load_images, pretrain_loader,
                     pretrain_transform, set_lr)
 
-# Conventions: N batch, L mask units (s x s px), T encoder tokens (patches of p x p px), D width,
-# p encoder patch size, s mask patch size. mask: 1 = hidden, 0 = visible. Parameter names follow
-# the official models'.
+# Conventions: N batch, L mask units (s x s px), T encoder tokens (patches of p x p px), D width, p encoder patch
+# size, s mask patch size. mask: 1 = hidden, 0 = visible. Parameter names follow the official models'.
 
 
 # --- shared pieces ---
 def trunc_normal_inverse_cdf_(tensor, std=0.02, a=-2.0, b=2.0):
-    """Normal(0, std) truncated to [a, b] (absolute bounds) by the inverse CDF, as timm's trunc_normal_ that
-    the official code calls: the same draws from the same seed (PyTorch's nn.init.trunc_normal_ is a
-    rejection sampler since 2.x, whose draws differ)."""
+    """Normal(0, std) truncated to [a, b] (absolute bounds) by the inverse CDF, as the official code's timm: the same
+    draws from the same seed (PyTorch's nn.init.trunc_normal_ is a rejection sampler since 2.x: other draws)."""
     cdf = lambda x: (1.0 + math.erf(x / std / math.sqrt(2.0))) / 2.0    # noqa: E731
     with torch.no_grad():
         return tensor.uniform_(2 * cdf(a) - 1, 2 * cdf(b) - 1).erfinv_().mul_(std * math.sqrt(2.0)).clamp_(a, b)
+
+
+def init_weights(model, types, a=-2.0, b=2.0):
+    """Official init of the `types` layers: truncated normal .02 weights, zero biases (LayerNorms keep 1 and 0)."""
+    for m in model.modules():
+        if isinstance(m, types):
+            trunc_normal_inverse_cdf_(m.weight, a=a, b=b)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def relative_position_index(h, w):
@@ -66,19 +70,17 @@ def relative_position_index(h, w):
 
 
 def attention(x, qkv, proj, num_heads, bias):
-    """Multi-head attention of x [B, T, D] with an additive logit bias broadcastable to
-    [B, heads, T, T]; qkv (weight, bias) as one projection."""
+    """softmax(q k^T / sqrt(d) + bias) v of x [B, T, D], bias broadcastable to [B, heads, T, T]; qkv: (weight, bias)."""
     B, T, D = x.shape
     q, k, v = F.linear(x, *qkv).reshape(B, T, 3, num_heads, D // num_heads).permute(2, 0, 3, 1, 4)
     if x.is_cuda:                                                       # a fused kernel takes the learned bias
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
     else:          # CPU: a bias that needs grad sends SDPA to this same math, plus mask checks
         x = ((q * (D // num_heads) ** -0.5) @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v
-    return proj(x.transpose(1, 2).reshape(B, T, D))                     # softmax(q k^T / sqrt(d) + bias) v
+    return proj(x.transpose(1, 2).reshape(B, T, D))
 
 
-# --- the ViT encoder (BEiT-style, as SimMIM's ViT-B: layer scale, a relative position bias
-#     shared by all blocks, no absolute position embedding) ---
+# --- the ViT encoder (BEiT's: layer scale, one relative position bias for all blocks, no absolute position) ---
 class RelativePositionBias(nn.Module):
     """One learned bias per relative offset and head, plus three for cls->patch, patch->cls, cls->cls."""
 
@@ -146,47 +148,30 @@ class VisionTransformerForSimMIM(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        self.patch_size, self.grid, self.num_features = patch_size, img_size // patch_size, embed_dim
-        self.stride = patch_size
+        self.patch_size = self.stride = patch_size
+        self.grid, self.num_features = img_size // patch_size, embed_dim
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.rel_pos_bias = RelativePositionBias(self.grid, num_heads)
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList([ViTBlock(embed_dim, num_heads, mlp_ratio, dpr[i], init_values)
-                                     for i in range(depth)])
+        self.blocks = nn.ModuleList([ViTBlock(embed_dim, num_heads, mlp_ratio, drop_path_rate * i / max(depth - 1, 1),
+                                              init_values) for i in range(depth)])   # drop path 0 -> rate
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.initialize_weights()
-
-    def initialize_weights(self):
-        """Official init (BEiT): normal(0, .02) truncated at one standard deviation, ±.02 (the
-        official SimMIM subclass overrides the truncation used by every init call, not only the
-        mask token's); each block's output projections scaled by 1/sqrt(2 i), block i from 1."""
-        trunc_normal_inverse_cdf_(self.cls_token, std=0.02, a=-0.02, b=0.02)
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                trunc_normal_inverse_cdf_(m.weight, std=0.02, a=-0.02, b=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        # official init (BEiT): normal(0, .02) truncated at ±.02 (the official SimMIM ViT overrides the truncation of
+        # every init call, not only the mask token's); block i's output projections / sqrt(2 i), i from 1
+        trunc_normal_inverse_cdf_(self.cls_token, a=-0.02, b=0.02)
+        init_weights(self, (nn.Linear, nn.Conv2d), a=-0.02, b=0.02)
         for i, blk in enumerate(self.blocks, start=1):
             blk.attn.proj.weight.data.div_(math.sqrt(2.0 * i))
             blk.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
-        trunc_normal_inverse_cdf_(self.mask_token, std=0.02, a=-0.02, b=0.02)
+        trunc_normal_inverse_cdf_(self.mask_token, a=-0.02, b=0.02)
 
-    def forward(self, imgs, mask=None):
-        """imgs [N, 3, H, W], mask [N, H/p, W/p] (1 = hidden) or None -> [N, D, H/p, W/p]."""
-        x = self.tokens(imgs, mask)[:, 1:]                              # drop cls: [N, T, D]
-        return x.transpose(1, 2).unflatten(2, (self.grid, self.grid))
-
-    def tokens(self, imgs, mask=None, norm=True):
-        """[N, 1 + T, D], cls first; norm=False: before the final norm (what fine-tuning pools)."""
+    def forward(self, imgs, mask=None, norm=True):
+        """imgs [N, 3, H, W], mask [N, H/p, W/p] (1 = hidden) or None -> [N, 1 + T, D], cls first;
+        norm=False: before the final norm (what fine-tuning pools)."""
         x = self.patch_embed(imgs)                                      # [N, T, D]
         if mask is not None:                                            # §3.2: hidden patches -> mask token
-            w = mask.flatten(1)[..., None].to(x.dtype)
-            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+            x = torch.where(mask.flatten(1)[..., None].bool(), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)   # [N, 1 + T, D]
         bias = self.rel_pos_bias()                                      # shared by every block
         for blk in self.blocks:
@@ -201,25 +186,13 @@ def window_partition(x, w):
     return x.view(B, H // w, w, W // w, w, C).transpose(2, 3).reshape(-1, w * w, C)
 
 
-def window_reverse(windows, w, H, W):
-    """window_partition undone: [B * H/w * W/w, w*w, C] -> [B, H, W, C]."""
-    C = windows.shape[-1]
-    return windows.view(-1, H // w, W // w, w, w, C).transpose(2, 3).reshape(-1, H, W, C)
-
-
 def shifted_window_mask(H, W, w, shift):
-    """[nW, w*w, w*w]: 0 between tokens from the same image region, -100 across regions.
-
-    After rolling the map by -shift, windows on the bottom and right edges hold tokens from
-    up to four regions that are not neighbours in the image; they must not attend to each
-    other. (-100, as the official: after softmax, exp(-100) is 0 in fp32.)"""
-    region = torch.zeros(1, H, W, 1)
-    bands = (slice(0, -w), slice(-w, -shift), slice(-shift, None))
-    for i, (hs, ws) in enumerate((hs, ws) for hs in bands for ws in bands):
-        region[:, hs, ws] = i
-    region = window_partition(region, w)[..., 0]                        # [nW, w*w]
-    different = region[:, None, :] != region[:, :, None]
-    return torch.zeros(different.shape).masked_fill(different, -100.0)
+    """[nW, w*w, w*w]: 0 between tokens from the same image region, -100 across regions. After rolling the map by
+    -shift, windows on the bottom and right edges hold tokens from up to four regions that are not neighbours in
+    the image; they must not attend to each other. (-100, as the official: exp(-100) is 0 in fp32.)"""
+    band = lambda n: (torch.arange(n) >= n - w).long() + (torch.arange(n) >= n - shift).long()   # 0 | 1 | 2
+    region = window_partition((band(H)[:, None] * 3 + band(W))[None, :, :, None], w)[..., 0]   # 9 regions: [nW, w*w]
+    return torch.where(region[:, None, :] != region[:, :, None], -100.0, 0.0)
 
 
 class WindowAttention(nn.Module):
@@ -237,14 +210,12 @@ class WindowAttention(nn.Module):
     def forward(self, x, mask=None):                                    # x [B*nW, w*w, C]; mask [nW, w*w, w*w]
         bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # [heads, T, T]
         if mask is not None:                                            # shifted windows: per-window mask
-            nW = mask.shape[0]
-            bias = (bias + mask[:, None]).repeat(x.shape[0] // nW, 1, 1, 1)   # [B*nW, heads, T, T]
+            bias = (bias + mask[:, None]).repeat(x.shape[0] // mask.shape[0], 1, 1, 1)   # [B*nW, heads, T, T]
         return attention(x, (self.qkv.weight, self.qkv.bias), self.proj, self.num_heads, bias)
 
 
 class SwinBlock(nn.Module):
-    """Window attention (shifted by `shift` when > 0) and an MLP, each pre-norm with a residual.
-    A stage no larger than the window is one window: no shift (the official rule)."""
+    """Window attention (shifted if `shift` > 0) and an MLP, pre-norm, residual; a stage within one window: no shift."""
 
     def __init__(self, dim, resolution, num_heads, window, shift, mlp_ratio=4.0, drop_path=0.0):
         super().__init__()
@@ -261,115 +232,77 @@ class SwinBlock(nn.Module):
 
     def forward(self, x):                                               # [N, H*W, C]
         N, L, C = x.shape
-        H = W = self.resolution
-        h = self.norm1(x).view(N, H, W, C)
+        R, w = self.resolution, self.window
+        h = self.norm1(x).view(N, R, R, C)
         if self.shift:
             h = torch.roll(h, (-self.shift, -self.shift), dims=(1, 2))
-        h = window_reverse(self.attn(window_partition(h, self.window), self.attn_mask), self.window, H, W)
+        h = self.attn(window_partition(h, w), self.attn_mask)           # [N * R/w * R/w, w*w, C]
+        h = h.view(N, R // w, R // w, w, w, C).transpose(2, 3).reshape(N, R, R, C)   # window_partition undone
         if self.shift:
             h = torch.roll(h, (self.shift, self.shift), dims=(1, 2))
         x = x + stochastic_depth(h.reshape(N, L, C), self.drop_path, "row", self.training)
         return x + stochastic_depth(self.mlp(self.norm2(x)), self.drop_path, "row", self.training)
 
 
-class PatchMerging(nn.Module):
-    """2x2 neighbouring tokens concatenated (4C), normalised, projected to 2C: half the resolution."""
-
-    def __init__(self, resolution, dim):
-        super().__init__()
-        self.resolution = resolution
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-        self.norm = nn.LayerNorm(4 * dim)
-
-    def forward(self, x):                                               # [N, H*W, C]
-        N, L, C = x.shape
-        x = x.view(N, self.resolution, self.resolution, C)
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        return self.reduction(self.norm(x.view(N, -1, 4 * C)))         # [N, H/2*W/2, 2C]
-
-
 class BasicLayer(nn.Module):
-    """One stage: `depth` blocks, odd ones shifted by half a window, then (not last) a merge."""
+    """One stage: `depth` blocks, odd ones shifted by half a window, then (not last) a merge of 2x2 neighbours."""
 
     def __init__(self, dim, resolution, depth, num_heads, window, mlp_ratio, dpr, downsample):
         super().__init__()
         self.blocks = nn.ModuleList([SwinBlock(dim, resolution, num_heads, window, window // 2 if i % 2 else 0,
                                                mlp_ratio, dpr[i]) for i in range(depth)])
-        self.downsample = PatchMerging(resolution, dim) if downsample else None
+        self.downsample = nn.ModuleDict(dict(reduction=nn.Linear(4 * dim, 2 * dim, bias=False),   # PatchMerging
+                                             norm=nn.LayerNorm(4 * dim))) if downsample else None
 
-    def forward(self, x):
+    def forward(self, x):                                               # [N, R*R, C]
         for blk in self.blocks:
             x = blk(x)
-        return self.downsample(x) if self.downsample is not None else x
+        if self.downsample is None:
+            return x
+        x = x.unflatten(1, (math.isqrt(x.shape[1]), -1))                # [N, R, R, C]; merge 2x2 neighbours:
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1).flatten(1, 2)
+        return self.downsample.reduction(self.downsample.norm(x))       # [N, R/2 * R/2, 4C] -> 2C
 
 
 class SwinTransformerForSimMIM(nn.Module):
     def __init__(self, img_size=192, patch_size=4, in_chans=3, embed_dim=128, depths=(2, 2, 18, 2),
                  num_heads=(4, 8, 16, 32), window_size=6, mlp_ratio=4.0, drop_path_rate=0.0):
         super().__init__()
-        check_swin_size(img_size, patch_size, window_size, len(depths))
+        stages = len(depths)
+        sides = [img_size / patch_size / 2 ** i for i in range(stages)]  # tokens per side, stage by stage
+        if any(r % 1 or (r > window_size and r % window_size) for r in sides):   # whole (halvable) windows, or one
+            step = patch_size * window_size * 2 ** (stages - 1)
+            raise ValueError(f"image size {img_size} does not fit Swin (patch {patch_size}, window {window_size}, "
+                             f"{stages} stages): use a multiple of {step}, e.g. {(round(img_size / step) or 1) * step}")
         self.patch_size, self.grid = patch_size, img_size // patch_size
-        self.num_features = embed_dim * 2 ** (len(depths) - 1)
-        self.stride = patch_size * 2 ** (len(depths) - 1)
+        self.num_features, self.stride = embed_dim * 2 ** (stages - 1), patch_size * 2 ** (stages - 1)
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm=True)
         dpr = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
         self.layers = nn.ModuleList([
             BasicLayer(embed_dim * 2 ** i, self.grid // 2 ** i, depths[i], num_heads[i], window_size, mlp_ratio,
-                       dpr[sum(depths[:i]):sum(depths[:i + 1])], downsample=i < len(depths) - 1)
-            for i in range(len(depths))])
+                       dpr[sum(depths[:i]):sum(depths[:i + 1])], downsample=i < stages - 1)
+            for i in range(stages)])
         self.norm = nn.LayerNorm(self.num_features)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.initialize_weights()
-
-    def initialize_weights(self):
-        """Official init: truncated normal .02 for linears (the patch convolution keeps PyTorch's)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_inverse_cdf_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        trunc_normal_inverse_cdf_(self.mask_token, std=0.02)
+        init_weights(self, nn.Linear)                                   # the patch convolution keeps PyTorch's
+        trunc_normal_inverse_cdf_(self.mask_token)
 
     def forward(self, imgs, mask=None):
-        """imgs [N, 3, H, W], mask [N, H/p, W/p] (1 = hidden) or None -> [N, C, H/stride, W/stride]."""
-        x = self.tokens(imgs, mask)                                     # [N, H/stride * W/stride, C]
-        g = self.grid * self.patch_size // self.stride
-        return x.transpose(1, 2).unflatten(2, (g, g))
-
-    def tokens(self, imgs, mask=None):
+        """imgs [N, 3, H, W], mask [N, H/p, W/p] (1 = hidden) or None -> [N, H/stride * W/stride, C]."""
         x = self.patch_embed(imgs)                                      # [N, T, D], after patch norm
         if mask is not None:                                            # §3.2: hidden patches -> mask token
-            w = mask.flatten(1)[..., None].to(x.dtype)
-            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+            x = torch.where(mask.flatten(1)[..., None].bool(), self.mask_token.to(x.dtype), x)
         for layer in self.layers:
             x = layer(x)
         return self.norm(x)
 
 
-def check_swin_size(img_size, patch_size, window, stages):
-    """Every stage must tile into whole windows (or fit in one) and halve evenly."""
-    for i in range(stages):
-        r = img_size / patch_size / 2 ** i
-        ok = r == int(r) and (r <= window or r % window == 0) and (i == stages - 1 or r % 2 == 0)
-        if not ok:
-            step = patch_size * window * 2 ** (stages - 1)
-            raise ValueError(f"image size {img_size} does not fit Swin with patch {patch_size}, window {window} and "
-                             f"{stages} stages: use a multiple of {step}, e.g. {max(round(img_size / step), 1) * step}")
-
-
 # --- masking (SimMIM §3.2 and data_simmim.py: random 32x32 patches, 60 %) ---
 def random_mask(noise, mask_ratio):
-    """Hide mask_count = ceil(L * mask_ratio) of the L mask units: those with the largest noise,
-    so that, as in every file here, the units kept are the ones with the smallest noise.
-    (The official draws a random permutation and hides its first mask_count units: the same
-    distribution.) noise [N, L] -> mask [N, L], 1 = hidden."""
-    L = noise.shape[1]
-    len_keep = L - math.ceil(L * mask_ratio)
-    ranks = torch.argsort(torch.argsort(noise, dim=1), dim=1)
-    return (ranks >= len_keep).float()
+    """Hide the ceil(L * mask_ratio) units with the largest noise, keep the smallest, as every file here (the official
+    hides the first units of a random permutation: the same distribution). noise [N, L] -> mask [N, L], 1 = hidden."""
+    len_keep = noise.shape[1] - math.ceil(noise.shape[1] * mask_ratio)
+    return torch.zeros_like(noise, dtype=torch.float).scatter_(1, noise.argsort(dim=1)[:, len_keep:], 1.0)
 
 
 def upsample_mask(mask, r):
@@ -381,8 +314,7 @@ def upsample_mask(mask, r):
 class SimMIM(nn.Module):
     def __init__(self, encoder="vit", mask_patch_size=32, **encoder_kwargs):
         super().__init__()
-        build = {"vit": VisionTransformerForSimMIM, "swin": SwinTransformerForSimMIM}[encoder]
-        self.encoder = build(**encoder_kwargs)
+        self.encoder = {"vit": VisionTransformerForSimMIM, "swin": SwinTransformerForSimMIM}[encoder](**encoder_kwargs)
         p, img_size = self.encoder.patch_size, self.encoder.grid * self.encoder.patch_size
         if mask_patch_size % p or img_size % mask_patch_size:
             raise ValueError(f"mask_patch_size {mask_patch_size} must be a multiple of the patch size {p} "
@@ -394,10 +326,8 @@ class SimMIM(nn.Module):
                                      nn.PixelShuffle(self.stride))      # §3.3: a linear head back to pixels
 
     def forward(self, imgs, mask_ratio=0.6, noise=None, mask=None):
-        """imgs [N, 3, H, W] -> loss, pred [N, 3, H, W], mask [N, L] (units of mask_patch_size px).
-
-        mask: [N, H/s, W/s] (1 = hidden); without it, one is drawn from noise [N, L] (or fresh).
-        """
+        """imgs [N, 3, H, W], mask [N, H/s, W/s] (1 = hidden) or None: drawn from noise [N, L] (or fresh)
+        -> loss, pred [N, 3, H, W], mask [N, L]."""
         N = imgs.shape[0]
         if mask is None:
             if noise is None:
@@ -408,13 +338,14 @@ class SimMIM(nn.Module):
                              f"{self.mask_patch_size}-px mask unit, 1 = hidden")
         mask = mask.float()
         r = self.mask_patch_size // self.patch_size                     # encoder patches per mask unit side
-        pred = self.decoder(self.encoder(imgs, upsample_mask(mask, r)))  # [N, 3, H, W]
+        x = self.encoder(imgs, upsample_mask(mask, r))                  # [N, (1 +) T, D]: ViT's cls first
+        g = imgs.shape[-1] // self.stride                               # output positions per side
+        pred = self.decoder(x[:, -g * g:].transpose(1, 2).unflatten(2, (g, g)))   # [N, 3, H, W]
         return self.forward_loss(imgs, pred, mask), pred, mask.flatten(1)
 
     def forward_loss(self, imgs, pred, mask):
-        """L1 on hidden pixels (§3.4): pred [N, 3, H, W] against imgs, the input as the data pipeline normalised
-        it (per channel, ImageNet mean and std; no per-patch normalisation). Sum of |imgs - pred| over the
-        hidden pixels and channels / (hidden pixels + 1e-5) / 3, as the official. mask [N, H/s, W/s]."""
+        """L1 on hidden pixels (§3.4), as the official: |imgs - pred| summed over the hidden pixels and channels
+        / (hidden pixels + 1e-5) / 3. imgs: the input normalised per channel, nothing per patch. mask [N, H/s, W/s]."""
         hidden = upsample_mask(mask, self.mask_patch_size)[:, None]     # [N, 1, H, W]
         return ((imgs - pred).abs() * hidden).sum() / (hidden.sum() + 1e-5) / imgs.shape[1]
 
@@ -422,8 +353,8 @@ class SimMIM(nn.Module):
         """The encoder on the whole image, no mask: ViT [N, 1 + T, D] before its final norm (the
         fine-tuning model mean-pools, then applies fc_norm); Swin [N, H/stride * W/stride, C] after `norm`."""
         if isinstance(self.encoder, VisionTransformerForSimMIM):
-            return self.encoder.tokens(imgs, norm=False)
-        return self.encoder.tokens(imgs)
+            return self.encoder(imgs, norm=False)
+        return self.encoder(imgs)
 
 
 # --- model builders (configs/*: ViT-B 224 px; Swin-B 192 px, window 6; mask patches 32 px) ---
@@ -441,12 +372,8 @@ MODELS = {
 
 
 def load_pretrained(model, checkpoint):
-    """Load an official (or our) SimMIM pre-training checkpoint, a path or a state_dict.
-
-    A full pre-training state_dict (the official releases, our checkpoints) loads strictly.
-    One without the prediction head (`decoder.*`) loads too: every encoder key must match, and
-    the names of the absent head keys are returned (they keep their fresh init).
-    """
+    """Load an official (or our) SimMIM pre-training checkpoint, a path or a state_dict: a full one strictly; one
+    without the prediction head (`decoder.*`) too, if every encoder key matches: returns the absent head keys."""
     state = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
     state = state.get("model", state)
     ours = model.state_dict()
@@ -468,15 +395,13 @@ def get_args(argv=None):
     p.add_argument("--data", default=None, help="image folder (DIR/train/<class>/*, DIR/<class>/* or flat); "
                                                 "none: the built-in data set")
     p.add_argument("--builtin_images", type=int, default=4096, help="size of the built-in data set (no --data)")
-    p.add_argument("--input_size", type=int, default=None,
-                   help="image size; default: the model's (ViT 224, Swin 192, tiny 32)")
+    p.add_argument("--input_size", type=int, default=None, help="default: the model's (ViT 224, Swin 192, tiny 32)")
     p.add_argument("--mask_ratio", type=float, default=0.6, help="fraction of 32x32 units hidden (paper: 60 %%)")
     # optimisation (configs: AdamW (0.9, 0.999), blr 1e-4, batch 2048, wd 0.05, 10 warmup epochs from
     # warmup_lr, x0.1 at epoch 700 of 800, grad clip 5; the 100-epoch Swin config: blr 2e-4, cosine)
     p.add_argument("--epochs", type=int, default=800)
     p.add_argument("--warmup_epochs", type=int, default=10)
-    p.add_argument("--batch_size", type=int, default=128,
-                   help="per process; effective = batch_size x accum_iter x processes")
+    p.add_argument("--batch_size", type=int, default=128, help="per process; effective = batch x accum x processes")
     p.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--blr", type=float, default=1e-4, help="base lr: lr = blr x effective batch / 512 (SimMIM's rule)")
     p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
@@ -498,8 +423,7 @@ def get_args(argv=None):
     p.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
     args, unknown = p.parse_known_args(argv)
     if any("norm_pix_loss" in a for a in unknown):                     # a flag of the other four files
-        sys.exit("error: --norm_pix_loss: SimMIM's target is the normalised image itself, nothing per patch "
-                 "(§3.4); drop the flag")
+        sys.exit("error: --norm_pix_loss: SimMIM's target is the normalised image, nothing per patch (§3.4); drop it")
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     check_args(args)
@@ -549,10 +473,8 @@ def param_groups(model, weight_decay):
 
 
 def lr_at(epoch, args):
-    """Linear warmup from warmup_lr, then x0.1 at each milestone (the 800-epoch configs) or
-    cosine to min_lr (the 100-epoch config); `epoch` is fractional. The official cosine (timm's
-    CosineLRScheduler, no warmup_prefix) spans all epochs, warmup included: the warmup replaces
-    its start, so it resumes below the peak (0.98 x lr after 10 of 100 epochs)."""
+    """Linear warmup from warmup_lr, then x0.1 at each milestone (800-epoch configs) or cosine to min_lr (100-epoch
+    config); `epoch` is fractional. timm's cosine spans the warmup too: it resumes below peak (0.98 x lr at 10/100)."""
     if epoch < args.warmup_epochs:
         return args.warmup_lr + (args.lr - args.warmup_lr) * epoch / args.warmup_epochs
     if args.schedule == "cosine":                                       # common's, over all epochs from 0
