@@ -5,9 +5,8 @@
     python finetune.py --model mae_vit_base_patch16 --eval --resume mae_finetuned_vit_base.pth --data /imagenet
     python finetune.py --model mae_vit_tiny --finetune output/mae_vit_tiny/checkpoint-last.pth   # built-in data
 
---model is the pre-training model's name (its prefix names the method file). The classifier keeps that file's
-encoder modules and parameter names and adds the head of the method's official fine-tuning model, so that the
-official fine-tuned checkpoints load with strict=True:
+--model is a pre-training model's name (its prefix names the method file). The classifier keeps that file's encoder
+modules and names and adds the head of the official fine-tuning model, whose checkpoints load with strict=True:
 
     method       official fine-tuning model                    features for the head
     mae          models_vit.py VisionTransformer               mean of patch tokens -> fc_norm (probe: cls after norm)
@@ -81,12 +80,10 @@ LINPROBE = dict(epochs=90, warmup_epochs=10, batch_size=512, blr=0.1, min_lr=0.0
 
 # --- classifiers: the official fine-tuning models, made of a pre-training model's encoder ---
 class Classifier(nn.Module):
-    """What every classifier has: forward = head(features), layer-wise lr decay, weight-decay rules, checkpoint
-    adaptation, the from-scratch init and the linear-probe head. Subclasses take the encoder modules of a
-    pre-training model (same objects, same names) and define forward_features(imgs) -> [N, D], layer_id(name) and
-    num_layers (the top id), and where they differ, no_weight_decay(name, p), new_keys (prefixes a pre-training
-    checkpoint cannot hold), adapt(state) and scratch_init."""
-    new_keys = ("head.", "fc_norm.")
+    """head(forward_features(imgs)), layer-wise lr decay, checkpoint adaptation, the scratch init, the probe head.
+    Subclasses hold a pre-training model's encoder modules (same objects, same names), define forward_features
+    (imgs -> [N, D]) and num_layers (the top layer id), and override what their official code does differently."""
+    new_keys = ("head.", "fc_norm.")            # what a pre-training checkpoint cannot hold
     linear_probe = False
     scratch_init = (nn.Linear,)                 # what init_for_scratch re-inits (timm's ViT: not the patch conv)
     blocks_prefix = "blocks."                   # the transformer blocks, one layer id each
@@ -97,8 +94,7 @@ class Classifier(nn.Module):
         return self.head(features.float())                              # the probe's BatchNorm: fp32 under amp
 
     def layer_id(self, name):
-        """MAE util/lr_decay.py (ConvMAE's, and SimMIM's get_vit_layer, are the same rule): the embeddings and
-        ConvMAE's convolution stages 0, transformer block i i + 1, the rest (norms, head) num_layers."""
+        """MAE util/lr_decay.py (also ConvMAE's, SimMIM's get_vit_layer): embeddings 0, block i i + 1, the rest top."""
         if name.startswith(self.blocks_prefix):
             return int(name.split(".")[1]) + 1
         if name in ("cls_token", "pos_embed") or name.startswith(("patch_embed", "blocks1", "blocks2")):
@@ -109,9 +105,8 @@ class Classifier(nn.Module):
         return p.ndim == 1 or name in ("pos_embed", "cls_token")
 
     def adapt(self, state):
-        """A checkpoint's state_dict (pre-training or fine-tuned, official or ours) in this model's names:
-        without SimMIM's and FCMAE's `encoder.` prefix, a position embedding resized to this grid (bicubic,
-        MAE util/pos_embed.py); what cannot be mapped keeps its name (and is reported as unused)."""
+        """Any checkpoint's state_dict in this model's names: no `encoder.` prefix (SimMIM, FCMAE), the position
+        embedding resized to this grid; what cannot be mapped keeps its name (reported as unused)."""
         state = {k.removeprefix("encoder."): v for k, v in state.items()}
         if "pos_embed" in state and hasattr(self, "pos_embed"):
             extra = int(hasattr(self, "cls_token"))                     # ViT's cls row; ConvViT has none
@@ -120,8 +115,7 @@ class Classifier(nn.Module):
         return state
 
     def param_groups(self, weight_decay, layer_decay):
-        """AdamW groups per (layer id, decay): lr_scale = layer_decay ** (num_layers - id), BEiT's
-        layer-wise decay as every method's official fine-tuning code applies it."""
+        """AdamW groups per (layer id, decay), lr_scale = layer_decay ** (num_layers - id): BEiT's layer decay."""
         groups = {}
         for name, p in ((name, p) for name, p in self.named_parameters() if p.requires_grad):
             wd = 0.0 if self.no_weight_decay(name, p) else weight_decay
@@ -133,9 +127,8 @@ class Classifier(nn.Module):
         return list(groups.values())
 
     def init_for_scratch(self):
-        """From scratch, the official fine-tuning model's init, not the pre-training file's (FCMAE's ends with std-1
-        weights, which barely train): truncated normal .02 for the weights of `scratch_init` modules, zero biases,
-        LayerNorm 1 and 0, cls token and position embedding .02. The head keeps its own init."""
+        """The official fine-tuning model's init, not the pre-training file's (FCMAE's ends with std-1 weights, which
+        barely train): truncated normal .02 for `scratch_init` modules and tokens; the head keeps its own init."""
         if not self.scratch_init:
             return
         for m in self.modules():
@@ -170,8 +163,7 @@ def linear_head(dim, num_classes, std, scale=1.0):
 
 
 def interpolate_pos_embed(pos, grid, extra):
-    """[1, extra + g*g, D] -> [1, extra + grid*grid, D]: bicubic on the patch grid, the `extra`
-    (cls) rows kept; unchanged when the grid is the same (MAE util/pos_embed.py)."""
+    """[1, extra + g*g, D] -> [1, extra + grid*grid, D], bicubic, `extra` (cls) rows kept (MAE util/pos_embed.py)."""
     g = math.isqrt(pos.shape[1] - extra)
     if g == grid or g * g != pos.shape[1] - extra:                      # same grid, or not one (reported later)
         return pos
@@ -181,9 +173,8 @@ def interpolate_pos_embed(pos, grid, extra):
 
 
 def interpolate_rel_pos_table(table, side, extra=0):
-    """A relative position bias table [(2w-1)^2 + extra, heads] for a w x w window (or patch grid) resized to a
-    side x side table of offsets (side = 2w' - 1), bicubic with the corners kept, the `extra` rows (cls offsets)
-    too. (The official SimMIM uses scipy's interp2d on a geometric grid; scipy is not a dependency here.)"""
+    """A relative position bias table [(2w-1)^2 + extra, heads] of a w x w window resized to side = 2w' - 1, bicubic,
+    corners and `extra` (cls) rows kept. (SimMIM: scipy's interp2d on a geometric grid; scipy is no dependency.)"""
     s = math.isqrt(table.shape[0] - extra)
     if s == side or s * s != table.shape[0] - extra:
         return table
@@ -193,9 +184,8 @@ def interpolate_rel_pos_table(table, side, extra=0):
 
 
 class ViT(Classifier):
-    """MAE's models_vit.py: the encoder on all patches with a trainable position embedding,
-    then the mean of the patch tokens -> fc_norm -> head (global_pool, fine-tuning; the
-    encoder's `norm` is dropped) or the cls token after `norm` (linear probing)."""
+    """MAE's models_vit.py: the encoder on all patches with a trainable position embedding, then the mean of the
+    patch tokens -> fc_norm -> head (global_pool, fine-tuning: no `norm`) or the cls token after `norm` (probe)."""
 
     def __init__(self, pre, num_classes, global_pool=True):
         super().__init__()
@@ -228,21 +218,19 @@ class ConvViT(Classifier):
     def __init__(self, pre, num_classes):
         super().__init__()
         D = pre.pos_embed.shape[-1]
-        self.patch_embed1, self.patch_embed2, self.patch_embed3 = pre.patch_embed1, pre.patch_embed2, pre.patch_embed3
-        self.patch_embed4 = pre.patch_embed4
+        for name in ("patch_embed1", "patch_embed2", "patch_embed3", "patch_embed4", "blocks1", "blocks2", "blocks3"):
+            setattr(self, name, getattr(pre, name))
         self.pos_embed = nn.Parameter(pre.pos_embed.detach().clone())   # [1, L, D], no cls row
-        self.blocks1, self.blocks2, self.blocks3 = pre.blocks1, pre.blocks2, pre.blocks3
         self.fc_norm = nn.LayerNorm(D, eps=1e-6)
         self.head = linear_head(D, num_classes, std=2e-5)               # main_finetune.py
         self.num_layers = len(self.blocks3) + 1
 
     def forward_features(self, imgs):
-        x = self.patch_embed1(imgs.permute(0, 2, 3, 1))                 # channels-last maps, as the method file
-        for blk in self.blocks1:
-            x = blk(x)
-        x = self.patch_embed2(x)
-        for blk in self.blocks2:
-            x = blk(x)
+        x = imgs.permute(0, 2, 3, 1)                                    # channels-last maps, as the method file
+        for embed, blocks in ((self.patch_embed1, self.blocks1), (self.patch_embed2, self.blocks2)):
+            x = embed(x)
+            for blk in blocks:
+                x = blk(x)
         x = self.patch_embed4(self.patch_embed3(x).flatten(1, 2)) + self.pos_embed   # [N, L, D]
         for blk in self.blocks3:
             x = blk(x)
@@ -250,23 +238,21 @@ class ConvViT(Classifier):
 
 
 class SimMIMViT(Classifier):
-    """SimMIM's vision_transformer.py as its fine-tuning config builds it (USE_RPB, mean pooling):
-    each block gets its own copy of the pre-trained shared relative position bias; the mean of
-    the patch tokens -> fc_norm -> head (init scaled by 0.001); no final `norm`."""
+    """SimMIM's vision_transformer.py as its fine-tuning config builds it (USE_RPB, mean pooling): each block its own
+    copy of the shared relative position bias; mean of patch tokens -> fc_norm -> head (init x 0.001); no `norm`."""
     scratch_init = ()                           # the method file's init is BEiT's, as the fine-tuning model's
 
     def __init__(self, pre, num_classes):
         super().__init__()
         enc = pre.encoder
-        D = enc.num_features
         self.patch_embed, self.cls_token, self.blocks = enc.patch_embed, enc.cls_token, enc.blocks
         shared = enc.rel_pos_bias
         for blk in self.blocks:                                         # names as the official per-block bias
             blk.attn.relative_position_bias_table = nn.Parameter(shared.relative_position_bias_table.detach().clone())
             blk.attn.register_buffer("relative_position_index", shared.relative_position_index.clone())
         self.grid = enc.grid
-        self.fc_norm = nn.LayerNorm(D, eps=1e-6)
-        self.head = linear_head(D, num_classes, std=0.02, scale=0.001)  # init_scale
+        self.fc_norm = nn.LayerNorm(enc.num_features, eps=1e-6)
+        self.head = linear_head(enc.num_features, num_classes, std=0.02, scale=0.001)   # init_scale
         self.num_layers = len(self.blocks) + 1
 
     def forward_features(self, imgs):
@@ -278,25 +264,23 @@ class SimMIMViT(Classifier):
         return self.fc_norm(x[:, 1:].mean(dim=1))
 
     def adapt(self, state):
-        """utils.py remap_pretrained_keys_vit: drop the `encoder.` prefix, copy the shared bias
-        table into every block, resize tables to this grid; index buffers are this model's."""
+        """utils.py remap_pretrained_keys_vit: the shared bias table copied into every block, resized to this grid."""
         state = super().adapt(state)
         shared = state.pop("rel_pos_bias.relative_position_bias_table", None)
         state.pop("rel_pos_bias.relative_position_index", None)
-        ours = self.state_dict()
-        for i in range(len(self.blocks)):
+        for i, blk in enumerate(self.blocks):
             key = f"blocks.{i}.attn.relative_position_bias_table"
             if shared is not None and key not in state:
                 state[key] = shared.clone()
             if key in state:
                 state[key] = interpolate_rel_pos_table(state[key], 2 * self.grid - 1, extra=3)
-            state[f"blocks.{i}.attn.relative_position_index"] = ours[f"blocks.{i}.attn.relative_position_index"]
+            state[f"blocks.{i}.attn.relative_position_index"] = blk.attn.relative_position_index   # ours
         return state
 
 
 class Swin(Classifier):
-    """SimMIM's swin_transformer.py SwinTransformer: stages, final `norm`, mean over positions,
-    head. Fine-tuned at another size and window than pre-trained (192 px, 6 -> 224 px, 7)."""
+    """SimMIM's swin_transformer.py: stages, `norm`, mean over positions, head. Fine-tuned at another size and
+    window than pre-trained (192 px, 6 -> 224 px, 7)."""
     new_keys = ("head.",)
     scratch_init = ()                           # the method file's init is Swin's, as the fine-tuning model's
 
@@ -319,18 +303,16 @@ class Swin(Classifier):
             return 0
         if name.startswith("layers."):
             _, stage, part, block = name.split(".")[:4]
-            stage = int(stage)
             if part == "downsample":                                    # with the last block of its stage
-                return sum(self.depths[:stage + 1])
-            return sum(self.depths[:stage]) + int(block) + 1
+                return sum(self.depths[:int(stage) + 1])
+            return sum(self.depths[:int(stage)]) + int(block) + 1
         return self.num_layers
 
     def no_weight_decay(self, name, p):
         return p.ndim == 1 or name.endswith(".bias") or "relative_position_bias_table" in name
 
     def adapt(self, state):
-        """utils.py remap_pretrained_keys_swin: tables resized to this window; the index and
-        shift-mask buffers are this model's (they follow from the window)."""
+        """utils.py remap_pretrained_keys_swin: tables resized to this window; index and shift-mask buffers are ours."""
         state = super().adapt(state)
         ours = self.state_dict()
         for k in list(state):
@@ -343,8 +325,7 @@ class Swin(Classifier):
 
 
 class ConvNeXtV2(Classifier):
-    """ConvNeXt V2's convnextv2.py: the dense encoder (per-image GRN), global average pooling,
-    `norm`, head (init scaled by 0.001, main_finetune.py's head_init_scale)."""
+    """ConvNeXt V2's convnextv2.py: the dense encoder (per-image GRN), global average pooling, `norm`, head."""
     new_keys = ("head.", "norm.")
     scratch_init = (nn.Linear, nn.Conv2d)
 
@@ -366,8 +347,7 @@ class ConvNeXtV2(Classifier):
         return self.norm(x.mean(dim=(-2, -1)))
 
     def layer_id(self, name):
-        """optim_factory.py: 'single' = one id per block (downsampling with the next stage's
-        first); 'group' = 12 groups, stage 3's blocks in threes (base and larger)."""
+        """optim_factory.py: 'single', one id per block (downsampling: the next stage's first); 'group', 12 groups."""
         parts = name.split(".")
         if parts[0] not in ("downsample_layers", "stages"):
             return self.num_layers
@@ -394,8 +374,7 @@ def build_classifier(name, num_classes, img_size=None, drop_path=0.0, linprobe=F
     sizes = {k: v for k, v in (("img_size", img_size), ("window_size", window_size)) if v is not None}
     pre = METHODS[method].MODELS[name](drop_path_rate=drop_path, **sizes)          # other sizes: the builder's
     if method == "simmim":
-        cls = SimMIMViT if isinstance(pre.encoder, simmim.VisionTransformerForSimMIM) else Swin
-        return cls(pre, num_classes)
+        return (SimMIMViT if isinstance(pre.encoder, simmim.VisionTransformerForSimMIM) else Swin)(pre, num_classes)
     if method == "convnextv2":
         return ConvNeXtV2(pre, num_classes, layer_decay_type=layer_decay_type)
     if method == "mae":
@@ -407,24 +386,18 @@ def build_classifier(name, num_classes, img_size=None, drop_path=0.0, linprobe=F
 def describe(state):
     """A short guess at what a state_dict holds, for error messages."""
     state = {k.removeprefix("encoder."): v for k, v in state.items()}
-
-    def count(prefix):
-        return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
-
-    def width(key, axis=0):
-        return state[key].shape[axis] if key in state else "?"
-
-    if any(k.startswith("blocks3.") for k in state):
+    count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})   # blocks
+    width = lambda key, axis=0: state[key].shape[axis] if key in state else "?"
+    depths = lambda prefix, blocks="": [count(f"{prefix}{i}.{blocks}") for i in range(count(prefix))]   # per stage
+    if count("blocks3."):
         return f"a ConvMAE/FastConvMAE ConvViT ({count('blocks3.')} ViT blocks, width {width('patch_embed4.weight')})"
-    if any(k.startswith("layers.") for k in state):
-        depths = [count(f"layers.{i}.blocks.") for i in range(count("layers."))]
-        return f"a Swin (width {width('patch_embed.proj.weight')}, depths {depths})"
-    if any(k.startswith("stages.") for k in state):
-        depths = [count(f"stages.{i}.") for i in range(count("stages."))]
-        return f"a ConvNeXt V2 (stem width {width('downsample_layers.0.0.weight')}, depths {depths})"
+    if count("layers."):
+        return f"a Swin (width {width('patch_embed.proj.weight')}, depths {depths('layers.', 'blocks.')})"
+    if count("stages."):
+        return f"a ConvNeXt V2 (stem width {width('downsample_layers.0.0.weight')}, depths {depths('stages.')})"
     if any(k.endswith("attn.q_bias") for k in state):
         return f"a SimMIM ViT ({count('blocks.')} blocks, width {width('patch_embed.proj.weight')})"
-    if any(k.startswith("blocks.") for k in state):
+    if count("blocks."):
         return (f"a MAE ViT ({count('blocks.')} blocks, width {width('patch_embed.proj.weight')}, "
                 f"patch {width('patch_embed.proj.weight', -1)})")
     return "no encoder this file knows"
@@ -432,25 +405,21 @@ def describe(state):
 
 def summarize(keys):
     """Key names grouped by their first component: 'decoder_blocks.* (24), mask_token'."""
-    groups = {}
-    for k in sorted(keys):
-        groups.setdefault(k.split(".")[0], []).append(k)
-    return ", ".join(ks[0] if len(ks) == 1 else f"{g}.* ({len(ks)})" for g, ks in groups.items()) or "none"
+    groups = [(g, list(ks)) for g, ks in itertools.groupby(sorted(keys), key=lambda k: k.split(".")[0])]
+    return ", ".join(ks[0] if len(ks) == 1 else f"{g}.* ({len(ks)})" for g, ks in groups) or "none"
 
 
 def load_weights(model, checkpoint, flag, strict=False):
     """Load `checkpoint` (a dict read from a file) into `model`; returns (missing, unused) key names. Pre-trained
-    weights (strict=False): every encoder key must be there with its shape; the classifier's new keys (head,
-    fc_norm...) may be missing; a head of another class count is dropped. strict: every key must fit (evaluation
-    of a fine-tuned checkpoint). Anything else is a one-line error saying what the checkpoint looks like."""
+    weights: every encoder key with its shape, new_keys may be missing, a head of another class count is dropped;
+    strict (a fine-tuned checkpoint): every key must fit. Else a one-line error saying what the checkpoint holds."""
     ours, raw = model.state_dict(), checkpoint.get("model", checkpoint)   # ours, or an official file's dict
     state = model.adapt(raw)
-    dropped = []
-    for k in [k for k in state if k.startswith("head.") and k in ours and state[k].shape != ours[k].shape]:
-        if strict:
-            sys.exit(f"error: {flag}: its head has {state[k].shape[0]} classes, the data set {ours[k].shape[0]}")
-        dropped.append(k)
-        del state[k]
+    dropped = [k for k in state if k.startswith("head.") and k in ours and state[k].shape != ours[k].shape]
+    if strict and dropped:
+        k = dropped[0]
+        sys.exit(f"error: {flag}: its head has {state[k].shape[0]} classes, the data set {ours[k].shape[0]}")
+    state = {k: v for k, v in state.items() if k not in dropped}
     wrong = sorted(k for k in set(state) & set(ours) if state[k].shape != ours[k].shape)
     missing = sorted(set(ours) - set(state))
     unused = sorted(set(state) - set(ours)) + dropped
@@ -467,10 +436,9 @@ def load_weights(model, checkpoint, flag, strict=False):
 
 # --- data: train and eval transforms, MixUp / CutMix, the evaluation loader ---
 def train_transform(size, reprob, randaug=9):
-    """timm's create_transform as the fine-tuning scripts call it, in torchvision.transforms.v2 (timm is not a
-    dependency): random-resized crop (bicubic), flip, RandAugment, normalisation, random erasing (per-pixel normal
-    noise). torchvision's RandAugment applies both operations every time at magnitude m of 10; timm's
-    rand-m9-mstd0.5-inc1 applies each with probability 0.5 at a magnitude drawn from N(9, 0.5)."""
+    """timm's create_transform as the fine-tuning scripts call it, in torchvision v2 (timm is no dependency): random
+    resized crop (bicubic), flip, RandAugment, normalisation, random erasing (per-pixel noise). RandAugment here applies
+    both ops every time at magnitude m of 10; timm's rand-m9-mstd0.5-inc1 each with p 0.5 at m ~ N(9, 0.5)."""
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),
@@ -482,9 +450,8 @@ def train_transform(size, reprob, randaug=9):
 
 def eval_transform(size):
     """Resize to size / 0.875 (bicubic), centre crop: MAE's build_transform for evaluation."""
-    return v2.Compose([v2.Resize(int(size / 0.875), interpolation=BICUBIC, antialias=True), v2.CenterCrop(size),
-                       v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return v2.Compose([v2.Resize(int(size / 0.875), interpolation=BICUBIC), v2.CenterCrop(size), v2.PILToTensor(),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 class Transformed(Dataset):
@@ -500,9 +467,8 @@ class Transformed(Dataset):
 
 
 def mix_and_smooth(mixup, cutmix, smoothing, num_classes):
-    """(imgs, labels [B]) -> (imgs, soft targets [B, K]): one of MixUp / CutMix per batch, chosen
-    with equal odds (timm's switch prob 0.5), then label smoothing (timm's Mixup applies it to
-    the one-hot targets before mixing, which is the same). None when neither is on."""
+    """(imgs, labels [B]) -> (imgs, soft targets [B, K]): MixUp or CutMix per batch at equal odds (timm's switch prob
+    0.5), then label smoothing (timm's, before mixing, is the same). None when neither is on."""
     choices = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup > 0 else []) + \
               ([v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix > 0 else [])
     if not choices:
@@ -631,9 +597,7 @@ def check_args(args):
     if args.model not in MODELS:
         sys.exit(f"error: --model {args.model} is unknown; choose one of: {', '.join(MODELS)}")
     recipe = {**RECIPES.get(args.model, _MAE), **(LINPROBE if args.linprobe else {})}
-    for flag, value in recipe.items():
-        if getattr(args, flag, None) is None:
-            setattr(args, flag, value)
+    vars(args).update({flag: value for flag, value in recipe.items() if getattr(args, flag, None) is None})
     for allowed, ok, flags in (("at least 1", lambda v: v >= 1, ("epochs", "batch_size", "accum_iter", "save_every",
                                                                  "log_every", "builtin_images")),
                                ("at least 0", lambda v: v >= 0, ("warmup_epochs", "num_workers", "blr", "lr", "min_lr",
@@ -674,7 +638,7 @@ def read_checkpoint(path, flag, mmap=False):
         sys.exit(f"error: {flag} {path}: not a readable checkpoint ({type(e).__name__})")
 
 
-def data(args, rank, world_size, log):
+def data(args, rank, world_size):
     """The class names, the training loader (None with --eval), MixUp/CutMix (applied on the device, in the loop)
     and a loader of this rank's share of the validation images (disjoint, none padded: each counted once)."""
     try:
@@ -731,8 +695,7 @@ def resume(args, model, optimizer, scaler, world_size, host_group, log):
     path = os.path.join(args.output_dir, "checkpoint-last.pth") if args.resume == "auto" else args.resume
     if path and os.path.isfile(path):
         ckpt = read_checkpoint(path, "--resume", mmap=True)
-        saved = ckpt.get("args") if isinstance(ckpt, dict) else None
-        saved = saved if isinstance(saved, dict) else {}                # ours save a dict; official scripts args
+        saved = ckpt["args"] if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) else {}   # ours: a dict
         mode = {True: "linprobe", False: "finetune"}.get(saved.get("linprobe"), "pre-training")   # ours save it
         found = f"{saved.get('model', 'no model name')} {mode}"
         want = f"{args.model} {'linprobe' if args.linprobe else 'finetune'}"
@@ -763,7 +726,7 @@ def main(args):
         log_file = open(os.path.join(args.output_dir, "log.jsonl") if is_main and not args.eval else os.devnull, "a")
     except OSError as e:
         sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
-    classes, loader, mix, val_loader = data(args, rank, world_size, log)
+    classes, loader, mix, val_loader = data(args, rank, world_size)
 
     # 4. model: the classifier and its weights; optionally compile; --eval and --knn evaluate here and end; DDP
     model = build_model(args, len(classes), device, log)
@@ -802,8 +765,6 @@ def main(args):
     # 8. resume: weights, optimizer, scaler and the position (epoch, batch in epoch)
     epoch, batch_in_epoch = resume(args, model_without_ddp, optimizer, scaler, world_size, host_group, log)
     path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    save_state = partial(save_training_state, model=model_without_ddp, optimizer=optimizer, scaler=scaler,
-                         args=args, world_size=world_size)
     stop = []                                                           # SIGTERM: save at the next step, exit 0
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
 
@@ -840,8 +801,7 @@ def main(args):
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step = batch_in_epoch // args.accum_iter
-            # per step, the ranks all-reduce one CPU float (has any had a SIGTERM?) on the gloo group: no GPU sync
-            stopping = count_ranks(bool(stop), host_group) > 0
+            stopping = count_ranks(bool(stop), host_group) > 0          # any SIGTERM? a CPU float on gloo: no GPU sync
             if step % args.log_every == 0 or batch_in_epoch == batches_per_epoch or stopping:
                 if distributed:
                     dist.all_reduce(loss_sum)
@@ -860,8 +820,9 @@ def main(args):
             epoch, batch_in_epoch = epoch + 1, 0
             acc1, acc5 = evaluate(model_without_ddp, val_loader, device, autocast, distributed)
         keep = not stopping and (epoch % args.save_every == 0 or epoch == args.epochs)   # a copy every save_every
-        save_state([path_last] + [os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")] * keep,
-                   epoch=epoch, batch_in_epoch=batch_in_epoch)
+        save_training_state([path_last] + [os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")] * keep,
+                            model_without_ddp, optimizer, scaler, args, world_size=world_size, epoch=epoch,
+                            batch_in_epoch=batch_in_epoch)
         if stopping:
             log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
         else:
