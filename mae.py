@@ -137,7 +137,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     def _embed(self, imgs):
         if imgs.shape[-2:] != (self.img_size,) * 2:
-            raise ValueError(f"images are {tuple(imgs.shape[-2:])}; the model was built for img_size={self.img_size}")
+            raise ValueError(f"images are {tuple(imgs.shape[-2:])}; this model takes {self.img_size} px (its img_size)")
         x = self.patch_embed(imgs).flatten(2).transpose(1, 2)          # [N, L, D]
         return x + self.pos_embed[:, 1:]                                # position before masking
 
