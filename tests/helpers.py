@@ -1,4 +1,7 @@
 """Test helpers shared by every method's tests: run a training script, make image folders."""
+import contextlib
+import importlib
+import io
 import json
 import os
 import signal
@@ -27,6 +30,23 @@ def run(script, *args, torchrun=0, timeout=600, cwd=ROOT, env=None):
     """Run to completion; returns CompletedProcess with text stdout/stderr. `env` adds variables."""
     return subprocess.run(train_cmd(script, *args, torchrun=torchrun), capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=_env(env))
+
+
+def run_main(script, *args):
+    """`run` without a new process (which spends ~5 s importing torch and torchvision): the script's main() on these
+    args, here; returns a CompletedProcess of its exit code and what it printed, sys.exit's line on stderr as Python
+    prints it. Only for runs of one process that need no signal; other exceptions propagate."""
+    module, out, err = importlib.import_module(script[:-3]), io.StringIO(), io.StringIO()
+    code, handler = 0, signal.getsignal(signal.SIGTERM)                 # main() installs its own
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            module.main(module.get_args([str(a) for a in args]))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+        err.write(f"{e.code}\n" if isinstance(e.code, str) else "")
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    return subprocess.CompletedProcess(script, code, out.getvalue(), err.getvalue())
 
 
 def start(script, *args, torchrun=0, cwd=ROOT, env=None):

@@ -10,7 +10,7 @@ from PIL import Image
 
 import finetune as ft
 from common import ImageFiles, cosine_lr, load_images, set_lr
-from helpers import (assert_same_weights, kill, last_line, log_lines, one_line_error_failures, run, start,
+from helpers import (assert_same_weights, kill, last_line, log_lines, one_line_error_failures, run, run_main, start,
                      vit_block_keys, wait_for, weights)
 
 TINY = ["mae_vit_tiny", "convmae_convvit_tiny", "fastconvmae_convvit_tiny", "simmim_vit_tiny", "simmim_swin_tiny",
@@ -436,15 +436,15 @@ def ft_args(*extra):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     out = tmp_path_factory.mktemp("pre")
-    r = run("mae.py", "--model", "mae_vit_tiny", "--epochs", 1, "--builtin_images", 64, "--batch_size", 16,
-            "--num_workers", 0, "--output_dir", out)
+    r = run_main("mae.py", "--model", "mae_vit_tiny", "--epochs", 1, "--builtin_images", 64, "--batch_size", 16,
+                 "--num_workers", 0, "--output_dir", out)
     assert r.returncode == 0, r.stderr[-2000:]
     return out / "checkpoint-last.pth"
 
 
 def test_finetune_run_logs_accuracy_and_eval_of_its_checkpoint_agrees(pretrained, tmp_path):
     out = tmp_path / "ft"
-    r = run("finetune.py", *ft_args("--epochs", 2, "--finetune", pretrained, "--output_dir", out))
+    r = run_main("finetune.py", *ft_args("--epochs", 2, "--finetune", pretrained, "--output_dir", out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "not in it (trained from their init): fc_norm.* (2), head.* (2)" in r.stdout
     assert "in it, not used: decoder_blocks.*" in r.stdout
@@ -454,7 +454,7 @@ def test_finetune_run_logs_accuracy_and_eval_of_its_checkpoint_agrees(pretrained
     assert all(math.isfinite(e["loss"]) for e in log if "loss" in e)
     ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["args"]["linprobe"] is False and "head.weight" in ckpt["model"]
-    r = run("finetune.py", *ft_args("--eval", "--resume", out / "checkpoint-last.pth"))
+    r = run_main("finetune.py", *ft_args("--eval", "--resume", out / "checkpoint-last.pth"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"top-1 {evals[-1]['acc1']:.2f} %" in r.stdout
 
@@ -462,7 +462,7 @@ def test_finetune_run_logs_accuracy_and_eval_of_its_checkpoint_agrees(pretrained
 def test_linprobe_run_keeps_the_pretrained_encoder_bit_identical(pretrained, tmp_path):
     args = ft_args("--epochs", 1, "--linprobe", "--finetune", pretrained, "--output_dir", tmp_path)
     del args[args.index("--lr"):args.index("--lr") + 2]                         # the lr from --blr's rule
-    r = run("finetune.py", *args)
+    r = run_main("finetune.py", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "eff. batch 8 = 8 x 1 x 1 | lr 0.141 |" in r.stdout                  # 0.1 x sqrt(16384 x 8) / 256
     pre, probe = weights(pretrained), weights(tmp_path / "checkpoint-last.pth")
@@ -474,7 +474,7 @@ def test_linprobe_run_keeps_the_pretrained_encoder_bit_identical(pretrained, tmp
 @pytest.mark.parametrize("model", ["mae_vit_tiny", "convmae_convvit_tiny"])          # convmae: 1x1 convolutions
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(model, tmp_path):
     common = ft_args("--epochs", 1, "--mixup", 0, "--cutmix", 0, "--drop_path", 0, "--log_every", 1, "--model", model)
-    one = run("finetune.py", *common, "--batch_size", 16, "--output_dir", tmp_path / "one")
+    one = run_main("finetune.py", *common, "--batch_size", 16, "--output_dir", tmp_path / "one")
     two = run("finetune.py", *common, "--batch_size", 4, "--accum_iter", 2, "--output_dir", tmp_path / "two",
               torchrun=2)
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
@@ -488,7 +488,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(model, t
 
 def test_sigkill_then_resume_and_sigterm_then_resume_are_bit_identical(tmp_path):
     args = ft_args("--epochs", 3, "--log_every", 1)              # 8 steps per epoch; MixUp, CutMix, drop path on
-    r = run("finetune.py", *args, "--output_dir", tmp_path / "whole")
+    r = run_main("finetune.py", *args, "--output_dir", tmp_path / "whole")
     assert r.returncode == 0, r.stderr[-2000:]
     whole = weights(tmp_path / "whole" / "checkpoint-last.pth")
     for sig, out in ((signal.SIGKILL, tmp_path / "kill"), (signal.SIGTERM, tmp_path / "term")):
@@ -496,7 +496,7 @@ def test_sigkill_then_resume_and_sigterm_then_resume_are_bit_identical(tmp_path)
         wait_for(lambda: any(e.get("epoch") == 1 and e.get("step", 0) >= 5 for e in log_lines(out)), proc)
         code, _, err = kill(proc, sig)
         assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL), err[-2000:]
-        r = run("finetune.py", *args, "--output_dir", out, "--resume", "auto")
+        r = run_main("finetune.py", *args, "--output_dir", out, "--resume", "auto")
         assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
         assert_same_weights(weights(out / "checkpoint-last.pth"), whole)
 

@@ -3,6 +3,7 @@ external teachers, their losses, and the training loop with them (DDP, resume, A
 checkpoints of `fastconvmae.py --mor` as it was before that file."""
 import math
 import signal
+import sys
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from common import IMAGENET_MEAN, IMAGENET_STD
 from fastconvmae_mor import (CLIP_MEAN, CLIP_STD, MODELS, ViTTeacher, ema_momentum, ema_teacher, load_teacher,
                              teacher_targets, update_ema)
 from helpers import (assert_same_weights, kill, last_line, load_golden, log_lines, one_line_error_failures, run,
-                     start, wait_for, without_key_bias)
+                     run_main, start, wait_for, without_key_bias)
 from test_convmae import official_base_keys
 
 TINY = "fastconvmae_convvit_tiny"
@@ -269,6 +270,7 @@ def test_each_flag_feeds_its_branch_with_its_normalisation(tmp_path):
     torch.testing.assert_close(teachers["clip"](imgs), RandomConv(2)(clip_input).flatten(2).transpose(1, 2),
                                rtol=1e-5, atol=1e-5)
 
+
 def mor_args(tmp_path, *extra):
     dino = script(RandomConv(1), tmp_path / "dino.pt")
     clip = script(RandomConv(2), tmp_path / "clip.pt")
@@ -277,8 +279,8 @@ def mor_args(tmp_path, *extra):
 
 
 def test_short_run_lowers_every_loss_component(tmp_path):
-    r = run("fastconvmae_mor.py", *mor_args(tmp_path, "--epochs", 3, "--builtin_images", 256, "--batch_size", 16,
-                                        "--lr", "2e-3", "--log_every", 4, "--output_dir", tmp_path / "run"))
+    r = run_main("fastconvmae_mor.py", *mor_args(tmp_path, "--epochs", 3, "--builtin_images", 256, "--batch_size", 16,
+                                                 "--lr", "2e-3", "--log_every", 4, "--output_dir", tmp_path / "run"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "MoR: targets pixel, ema, dino, clip" in r.stdout
     log = log_lines(tmp_path / "run")
@@ -294,13 +296,13 @@ def test_short_run_lowers_every_loss_component(tmp_path):
 def test_sigkill_then_resume_restores_the_ema_teacher_bit_identically(tmp_path):
     args = mor_args(tmp_path, "--epochs", 2, "--builtin_images", 128, "--batch_size", 8, "--lr", "1e-3",
                     "--log_every", 1)
-    ref = run("fastconvmae_mor.py", *args, "--output_dir", tmp_path / "ref")
+    ref = run_main("fastconvmae_mor.py", *args, "--output_dir", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-2000:]
     proc = start("fastconvmae_mor.py", *args, "--output_dir", tmp_path / "run")
     wait_for(lambda: any(e["epoch"] == 1 and e["step"] >= 5 for e in log_lines(tmp_path / "run")), proc)
     code, _, _ = kill(proc, signal.SIGKILL)
     assert code == -signal.SIGKILL
-    r = run("fastconvmae_mor.py", *args, "--output_dir", tmp_path / "run", "--resume", "auto")
+    r = run_main("fastconvmae_mor.py", *args, "--output_dir", tmp_path / "run", "--resume", "auto")
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
     a, b = (torch.load(tmp_path / d / "checkpoint-last.pth", weights_only=True) for d in ("ref", "run"))
     assert_same_weights(a["model"], b["model"])
@@ -314,7 +316,7 @@ def test_a_checkpoint_of_the_old_fastconvmae_py_mor_resumes_exactly(tmp_path):
     resumes to that run's last weights, EMA included; fastconvmae.py refuses it with one line."""
     args = mor_args(tmp_path, "--epochs", 2, "--builtin_images", 64, "--batch_size", 8, "--lr", "1e-3",
                     "--ema_momentum", 0.9)
-    ref = run("fastconvmae_mor.py", *args, "--save_every", 1, "--output_dir", tmp_path / "ref")
+    ref = run_main("fastconvmae_mor.py", *args, "--save_every", 1, "--output_dir", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-2000:]
     new = torch.load(tmp_path / "ref" / "checkpoint-0001.pth", weights_only=True)
     old = {"model": new["model"], "optimizer": new["optimizer"], "scaler": new["scaler"], "epoch": 1,
@@ -322,12 +324,12 @@ def test_a_checkpoint_of_the_old_fastconvmae_py_mor_resumes_exactly(tmp_path):
            "rng": [{"cpu": torch.get_rng_state(), "cuda": None}], "ema": new["ema"]}
     (tmp_path / "old").mkdir()
     torch.save(old, tmp_path / "old" / "checkpoint-last.pth")
-    r = run("fastconvmae.py", "--model", TINY, "--num_workers", 0, "--epochs", 2, "--builtin_images", 64,
-            "--batch_size", 8, "--output_dir", tmp_path / "old", "--resume", "auto")
+    r = run_main("fastconvmae.py", "--model", TINY, "--num_workers", 0, "--epochs", 2, "--builtin_images", 64,
+                 "--batch_size", 8, "--output_dir", tmp_path / "old", "--resume", "auto")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert last_line(r.stderr) == (f"error: --resume {tmp_path / 'old' / 'checkpoint-last.pth'} is a "
                                    f"Mixture-of-Reconstructors checkpoint; resume it with fastconvmae_mor.py")
-    r = run("fastconvmae_mor.py", *args, "--save_every", 1, "--output_dir", tmp_path / "old", "--resume", "auto")
+    r = run_main("fastconvmae_mor.py", *args, "--save_every", 1, "--output_dir", tmp_path / "old", "--resume", "auto")
     assert r.returncode == 0 and "resumed from" in r.stdout and "at epoch 1, batch 0" in r.stdout, r.stderr[-2000:]
     a, b = (torch.load(tmp_path / d / "checkpoint-last.pth", weights_only=True) for d in ("ref", "old"))
     assert b["epoch"] == 2 and "rng" not in b and "mor" not in b["args"]                # rewritten in today's layout
@@ -340,7 +342,7 @@ def test_ddp_two_processes_with_accumulation_equal_one_process(tmp_path):
     # momentum would show (at the default 0.996 it stays within 1e-5 of its start here)
     common = mor_args(tmp_path, "--epochs", 1, "--builtin_images", 64, "--lr", "1e-3", "--log_every", 1,
                       "--ema_momentum", 0.5)
-    one = run("fastconvmae_mor.py", *common, "--batch_size", 16, "--output_dir", tmp_path / "one")
+    one = run_main("fastconvmae_mor.py", *common, "--batch_size", 16, "--output_dir", tmp_path / "one")
     two = run("fastconvmae_mor.py", *common, "--batch_size", 4, "--accum_iter", 2, "--output_dir", tmp_path / "two",
               torchrun=2)
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
@@ -391,22 +393,22 @@ def test_bad_mor_input_gives_one_line_naming_the_flag(tmp_path):
     torch.save({"patch_embed.proj.weight": torch.zeros(8, 3, 8, 8)}, tmp_path / "partial.pth")   # a broken ViT
     tiny = ["--model", TINY, "--num_workers", 0, "--epochs", 1, "--builtin_images", 16, "--batch_size", 8]
     cases = bad_cases(tmp_path, tiny) + [([*tiny, "--teacher_dino", tmp_path / "partial.pth"],
-                                    "not a ViT state_dict in DINO's or CLIP's layout")]
+                                          "not a ViT state_dict in DINO's or CLIP's layout")]
     failures = one_line_error_failures(fastconvmae_mor, ["--output_dir", tmp_path / "out"], cases)
     assert not failures, "\n".join(failures)
     # a MoR checkpoint resumed by fastconvmae.py: one line, no traceback, naming the file that resumes it
-    assert run("fastconvmae_mor.py", *tiny, "--output_dir", tmp_path / "m").returncode == 0
-    r = run("fastconvmae.py", *tiny, "--epochs", 2, "--output_dir", tmp_path / "m", "--resume", "auto")
+    assert run_main("fastconvmae_mor.py", *tiny, "--output_dir", tmp_path / "m").returncode == 0
+    r = run_main("fastconvmae.py", *tiny, "--epochs", 2, "--output_dir", tmp_path / "m", "--resume", "auto")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert last_line(r.stderr).startswith("error: --resume") and "fastconvmae_mor.py" in last_line(r.stderr)
     # and a plain one resumed by fastconvmae_mor.py does not fit its branches
-    assert run("fastconvmae.py", *tiny, "--output_dir", tmp_path / "p").returncode == 0
-    r = run("fastconvmae_mor.py", *tiny, "--epochs", 2, "--output_dir", tmp_path / "p", "--resume", "auto")
+    assert run_main("fastconvmae.py", *tiny, "--output_dir", tmp_path / "p").returncode == 0
+    r = run_main("fastconvmae_mor.py", *tiny, "--epochs", 2, "--output_dir", tmp_path / "p", "--resume", "auto")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert last_line(r.stderr).startswith("error: --resume") and "does not fit" in last_line(r.stderr)
 
 
-def test_the_mor_flags_belong_to_fastconvmae_mor_py_only(tmp_path):
+def test_the_mor_flags_belong_to_fastconvmae_mor_py_only(tmp_path, monkeypatch):
     """fastconvmae.py, the released method, has no MoR flags, and fastconvmae_mor.py no dead `--mor` (it is
     implied): an old command line stops at once, naming the flag."""
     tiny = ["--model", TINY, "--num_workers", 0, "--epochs", 1, "--builtin_images", 16, "--batch_size", 8,
@@ -414,7 +416,8 @@ def test_the_mor_flags_belong_to_fastconvmae_mor_py_only(tmp_path):
     dino = script(PatchMean(), tmp_path / "ok.pt")
     for name, flag in [("fastconvmae.py", ["--mor"]), ("fastconvmae.py", ["--teacher_dino", dino]),
                        ("fastconvmae_mor.py", ["--mor"])]:
-        r = run(name, *tiny, *flag)
+        monkeypatch.setattr(sys, "argv", [name])                                   # argparse's name for the file
+        r = run_main(name, *tiny, *flag)
         line = last_line(r.stderr)                                  # argparse's: unrecognized, or (--mor) ambiguous
         assert r.returncode == 2 and line.startswith(f"{name}: error: ") and flag[0] in line, (name, r.stderr)
     assert not (tmp_path / "out").exists()                                         # stopped before any work

@@ -15,7 +15,7 @@ from PIL import Image
 
 from common import cosine_lr
 from helpers import (assert_same_weights, free_port, kill, last_line, log_lines, one_line_error_failures, rank_env,
-                     run, start, wait_for, weights, without_key_bias, write_images)
+                     run, run_main, start, wait_for, weights, without_key_bias, write_images)
 
 # pixels: the flags for plain-pixel targets; schedule: the flags that make the file's lr schedule
 # a cosine from a warmup that starts at 0 (SimMIM's default is a step decay from a nonzero warmup start)
@@ -56,8 +56,8 @@ def tiny(m):
 @pytest.mark.parametrize("m", METHODS + [SIMMIM_SWIN], ids=[m.tiny for m in METHODS + [SIMMIM_SWIN]])
 def test_two_epochs_on_builtin_data_write_checkpoint_log_and_a_useful_picture(m, tmp_path):
     out = tmp_path / "run"
-    r = run(m.script, *tiny(m), "--epochs", 2, "--builtin_images", 512, "--batch_size", 16, "--lr", "2e-3",
-            *m.pixels, "--log_every", 8, "--output_dir", out)   # pixel targets: no per-patch help
+    r = run_main(m.script, *tiny(m), "--epochs", 2, "--builtin_images", 512, "--batch_size", 16, "--lr", "2e-3",
+                 *m.pixels, "--log_every", 8, "--output_dir", out)   # pixel targets: no per-patch help
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["args"]["model"] == m.tiny and "optimizer" in ckpt
@@ -84,7 +84,7 @@ def test_two_epochs_on_builtin_data_write_checkpoint_log_and_a_useful_picture(m,
 def test_ddp_two_processes_with_accumulation_equal_one_process_with_the_same_global_batch(m, tmp_path):
     common = [*tiny(m), "--epochs", 1, "--builtin_images", 64, "--lr", "1e-3", "--log_every", 1]
     (b1, a1), (b2, a2) = ((1, 16), (1, 8)) if m.per_image else ((16, 1), (4, 2))
-    one = run(m.script, *common, "--batch_size", b1, "--accum_iter", a1, "--output_dir", tmp_path / "one")
+    one = run_main(m.script, *common, "--batch_size", b1, "--accum_iter", a1, "--output_dir", tmp_path / "one")
     two = run(m.script, *common, "--batch_size", b2, "--accum_iter", a2, "--output_dir", tmp_path / "two", torchrun=2)
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     assert f"eff. batch 16 = {b2} x {a2} x 2" in two.stdout
@@ -100,8 +100,8 @@ def test_ddp_two_processes_with_accumulation_equal_one_process_with_the_same_glo
 @pytest.mark.parametrize("m", MAE_ONLY, ids=["mae.py"])
 def test_gradient_accumulation_equals_the_big_batch(m, tmp_path):
     common = [*tiny(m), "--epochs", 1, "--builtin_images", 32, "--lr", "1e-3"]
-    big = run(m.script, *common, "--batch_size", 8, "--output_dir", tmp_path / "big")
-    acc = run(m.script, *common, "--batch_size", 4, "--accum_iter", 2, "--output_dir", tmp_path / "acc")
+    big = run_main(m.script, *common, "--batch_size", 8, "--output_dir", tmp_path / "big")
+    acc = run_main(m.script, *common, "--batch_size", 4, "--accum_iter", 2, "--output_dir", tmp_path / "acc")
     assert big.returncode == 0 and acc.returncode == 0, acc.stderr[-2000:]
     assert_same_weights(without_key_bias(weights(tmp_path / "big" / "checkpoint-last.pth")),
                         without_key_bias(weights(tmp_path / "acc" / "checkpoint-last.pth")), atol=1e-5)
@@ -121,7 +121,7 @@ def uninterrupted_runs(tmp_path_factory):
     def get(m):
         if m.script not in runs:
             out = tmp_path_factory.mktemp("uninterrupted")
-            r = run(m.script, *long(m), "--output_dir", out)
+            r = run_main(m.script, *long(m), "--output_dir", out)
             assert r.returncode == 0, r.stderr[-2000:]
             runs[m.script] = weights(out / "checkpoint-last.pth")
         return runs[m.script]
@@ -134,7 +134,7 @@ def test_sigkill_mid_epoch_then_resume_auto_is_bit_identical(m, tmp_path, uninte
     code, _, _ = kill(proc, signal.SIGKILL)
     assert code == -signal.SIGKILL                                                  # it was still running
     assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["epoch"] == 1
-    r = run(m.script, *long(m), "--output_dir", tmp_path, "--resume", "auto")
+    r = run_main(m.script, *long(m), "--output_dir", tmp_path, "--resume", "auto")   # in a new process: as here
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resumed from" in r.stdout
     assert_same_weights(weights(tmp_path / "checkpoint-last.pth"), uninterrupted_runs(m))
@@ -148,11 +148,12 @@ def test_sigterm_saves_mid_epoch_exits_0_and_resumes_bit_identical(m, tmp_path, 
     ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert ckpt["epoch"] == 1 and 0 < ckpt["batch_in_epoch"] < 32                   # saved mid-epoch
     shutil.copy(tmp_path / "checkpoint-last.pth", tmp_path / "mid-epoch.pth")
-    r = run(m.script, *long(m), "--output_dir", tmp_path, "--resume", "auto")
+    r = run_main(m.script, *long(m), "--output_dir", tmp_path, "--resume", "auto")
     assert r.returncode == 0, r.stderr[-2000:]
     assert_same_weights(weights(tmp_path / "checkpoint-last.pth"), uninterrupted_runs(m))
     # another batch size: the saved position means other samples, so epoch 1 starts over
-    r = run(m.script, *long(m), "--batch_size", 16, "--output_dir", tmp_path / "other", "--resume", tmp_path / "mid-epoch.pth")
+    r = run_main(m.script, *long(m), "--batch_size", 16, "--output_dir", tmp_path / "other",
+                 "--resume", tmp_path / "mid-epoch.pth")
     assert r.returncode == 0 and "restarting epoch 1 from its start" in r.stdout, r.stderr[-2000:]
     assert [(e["epoch"], e["step"]) for e in log_lines(tmp_path / "other")][0] == (1, 1)
 
@@ -175,9 +176,9 @@ def test_sigterm_under_torchrun_stops_every_rank_and_resumes_bit_identical(m, tm
 
 def test_nan_loss_stops_and_leaves_the_last_checkpoint_untouched(m, tmp_path):
     args = [*tiny(m), "--builtin_images", 64, "--batch_size", 8, "--log_every", 1, "--output_dir", tmp_path]
-    assert run(m.script, *args, "--epochs", 1).returncode == 0
+    assert run_main(m.script, *args, "--epochs", 1).returncode == 0
     before = (tmp_path / "checkpoint-last.pth").read_bytes()
-    r = run(m.script, *args, "--epochs", 2, "--resume", "auto", "--lr", "1e30", "--warmup_epochs", 0)
+    r = run_main(m.script, *args, "--epochs", 2, "--resume", "auto", "--lr", "1e30", "--warmup_epochs", 0)
     assert r.returncode != 0
     assert last_line(r.stderr).startswith("error: loss is") and "Traceback" not in r.stderr
     assert (tmp_path / "checkpoint-last.pth").read_bytes() == before
@@ -189,9 +190,9 @@ def test_weights_that_turn_non_finite_in_the_last_step_of_an_epoch_are_not_saved
     diverges, the loss was finite and the epoch's save finds non-finite weights. It must stop
     instead, leaving the last good checkpoint as it was."""
     args = [*tiny(m), "--builtin_images", 8, "--batch_size", 8, "--output_dir", tmp_path]   # one step per epoch
-    assert run(m.script, *args, "--epochs", 1).returncode == 0
+    assert run_main(m.script, *args, "--epochs", 1).returncode == 0
     before = (tmp_path / "checkpoint-last.pth").read_bytes()
-    r = run(m.script, *args, "--epochs", 2, "--resume", "auto", "--lr", "1e39")    # past fp32's range: inf
+    r = run_main(m.script, *args, "--epochs", 2, "--resume", "auto", "--lr", "1e39")    # past fp32's range: inf
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert last_line(r.stderr).startswith("error: the weights are not finite"), r.stderr[-2000:]
     assert (tmp_path / "checkpoint-last.pth").read_bytes() == before
@@ -299,10 +300,10 @@ def test_mixed_precision_on_cpu_and_switching_it_on_resume(m, tmp_path):
     """bf16 autocast needs no loss scaling; fp16 runs through a GradScaler, whose state is saved.
     A bf16 checkpoint (no scaler state) resumes under fp16."""
     args = [*tiny(m), "--builtin_images", 32, "--batch_size", 8, "--log_every", 1, "--output_dir", tmp_path]
-    r = run(m.script, *args, "--epochs", 1, "--amp", "bf16")
+    r = run_main(m.script, *args, "--epochs", 1, "--amp", "bf16")
     assert r.returncode == 0, r.stderr[-2000:]
     assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["scaler"] == {}
-    r = run(m.script, *args, "--epochs", 2, "--amp", "fp16", "--resume", "auto")
+    r = run_main(m.script, *args, "--epochs", 2, "--amp", "fp16", "--resume", "auto")
     if m.script == "convnextv2_fcmae.py":        # its official init overflows fp16 at real sizes: refused
         assert r.returncode == 1 and last_line(r.stderr).startswith("error: --amp fp16 overflows"), r.stderr
         return
@@ -314,7 +315,7 @@ def test_mixed_precision_on_cpu_and_switching_it_on_resume(m, tmp_path):
 
 def test_compile_trains_like_eager_and_saves_plain_keys(m, tmp_path):
     args = [*tiny(m), "--epochs", 1, "--builtin_images", 16, "--batch_size", 8, "--lr", "1e-3", "--log_every", 1]
-    eager = run(m.script, *args, "--output_dir", tmp_path / "eager")
+    eager = run_main(m.script, *args, "--output_dir", tmp_path / "eager")
     compiled = run(m.script, *args, "--compile", "--output_dir", tmp_path / "compiled")
     assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-2000:]
     a, b = weights(tmp_path / "eager" / "checkpoint-last.pth"), weights(tmp_path / "compiled" / "checkpoint-last.pth")
@@ -332,7 +333,7 @@ def test_clip_grad_0_is_off_and_a_positive_value_clips(m, tmp_path):
     args = [*tiny(m), "--epochs", 1, "--builtin_images", 16, "--batch_size", 8, "--lr", "1e-3"]
     runs = {"off": ["--clip_grad", "1e30"], "zero": ["--clip_grad", 0], "tiny": ["--clip_grad", "1e-9"]}
     for name, extra in runs.items():
-        r = run(m.script, *args, *extra, "--output_dir", tmp_path / name)
+        r = run_main(m.script, *args, *extra, "--output_dir", tmp_path / name)
         assert r.returncode == 0, r.stderr[-2000:]
     w = {name: weights(tmp_path / name / "checkpoint-last.pth") for name in runs}
     assert_same_weights(w["off"], w["zero"])
