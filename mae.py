@@ -330,8 +330,8 @@ def resume(args, model, optimizer, scaler, world_size, host_group, log):
     if not seen and args.resume in ("", "auto"):
         return 0, 0
     if seen < world_size:                                               # e.g. --output_dir on each node's disk
-        sys.exit(f"error: --resume {path} exists for {seen} of {world_size} processes; give a file that exists, "
-                 f"on a file system that every node shares")
+        sys.exit(f"error: --resume {path} exists for {seen} of {world_size} processes; give a file that every "
+                 f"process can read (on a file system that all nodes share)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         found = ckpt["args"]["model"]
