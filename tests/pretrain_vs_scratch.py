@@ -19,7 +19,8 @@ The small-image preset (32 px; 64 px for convnextv2_fcmae_test), named here and 
 
 A name with a suffix (VARIANTS) pre-trains with another script: `+mor` is FastConvMAE's Mixture of Reconstructors
 with its EMA teacher (fastconvmae_mor.py); the classifier is the plain name's. Each command is printed; the runs
-write under --out (default output/pretrain_vs_scratch/<model>/seed<k>/...).
+write under --out (default output/pretrain_vs_scratch/<model>/seed<k>/...); a seed's finished study is kept there
+(study.json) and reused by a later call with the same settings.
 """
 import argparse
 import json
@@ -70,8 +71,17 @@ def evals(out, key="acc1"):
 
 
 def study(args, row, seed):
-    """One model, one seed: {metric: value} and the seconds each part took."""
+    """One model, one seed: {(kind, start): accuracies} and the seconds each part took. A finished study is read back
+    from its study.json when the settings match, so a table can gather runs made one model and seed at a time."""
     out, name = os.path.join(args.out, row, f"seed{seed}"), row.split("+")[0]
+    saved = os.path.join(out, "study.json")
+    settings = {k: v for k, v in vars(args).items() if k not in ("models", "seeds")}
+    if os.path.exists(saved):
+        with open(saved) as f:
+            done = json.load(f)
+        if done["settings"] == settings:
+            print("read", saved, flush=True)
+            return {tuple(k.split()): v for k, v in done["result"].items()}, done["seconds"]
     method = next(m for m in ("fastconvmae", "convmae", "mae", "simmim", "convnextv2") if name.startswith(m))
     script = VARIANTS.get(row, SCRIPT[method])
     common = ["--model", name, "--builtin_images", args.images, "--batch_size", args.batch_size, "--num_workers", 2,
@@ -89,6 +99,8 @@ def study(args, row, seed):
             run_out = os.path.join(out, f"{kind}-{start}")
             seconds[f"{kind} {start}"] = run("finetune.py", *common, *flags, *extra, "--output_dir", run_out)
             result[kind, start] = evals(run_out, "knn_acc1" if kind == "knn" else "acc1")
+    with open(saved, "w") as f:
+        json.dump({"settings": settings, "result": {" ".join(k): v for k, v in result.items()}, "seconds": seconds}, f)
     return result, seconds
 
 
