@@ -107,14 +107,13 @@ class Block(nn.Module):
 
 
 def sincos_pos_embed(dim, grid_size):
-    """Fixed 2-D sin-cos position embedding [g*g, dim] (MAE §A.1; ConvMAE has no cls token): [sin, cos] of
-    pos * omega_i, omega_i = 10000^(-i / (dim/4)), for the column index (first dim/2 channels), then the row."""
+    """Fixed 2-D sin-cos position embedding [g*g, dim] (MAE §A.1; no cls token here). The first dim/2 channels encode
+    the column, the last dim/2 the row, each as [sin(pos omega), cos(pos omega)], omega_i = 10000^(-4i/dim)."""
     assert dim % 4 == 0, f"sin-cos embedding needs a width divisible by 4, got {dim}"
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    pos = torch.arange(grid_size, dtype=torch.float64)
-    pos = torch.stack([pos.repeat(grid_size), pos.repeat_interleave(grid_size)], dim=1)   # [g*g, 2]: column, row
-    angle = pos[..., None] * omega                                      # [g*g, 2, dim/4]
-    return torch.stack([angle.sin(), angle.cos()], dim=2).flatten(1).float()   # [g*g, dim]
+    row, col = torch.meshgrid(*[torch.arange(grid_size, dtype=torch.float64)] * 2, indexing="ij")
+    angles = [pos.flatten()[:, None] * omega for pos in (col, row)]    # 2 x [g*g, dim/4]
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1).float()   # [g*g, dim]
 
 
 # --- block-wise masking: one MAE mask on the 1/16 grid, shared by every stage ---

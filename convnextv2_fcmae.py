@@ -328,13 +328,11 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--save_every", type=int, default=20, help="keep a copy of the checkpoint every N epochs")
     p.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
-    args = p.parse_args(argv)
-    check_args(args)
-    return args
+    return check_args(p.parse_args(argv))
 
 
 def check_args(args):
-    """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts."""
+    """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts; returns args."""
     if args.model not in MODELS:
         sys.exit(f"error: --model {args.model} is unknown; choose one of: {', '.join(MODELS)}")
     ranges = {"at least 1": (lambda v: v >= 1, "epochs batch_size accum_iter save_every log_every builtin_images"),
@@ -353,6 +351,7 @@ def check_args(args):
         sys.exit(f"error: --input_size {args.input_size} is not a positive multiple of {args.model}'s mask patch size "
                  f"32; try {max(args.input_size // 32, 1) * 32}")
     args.output_dir = args.output_dir or os.path.join("output", args.model)
+    return args
 
 
 # --- training (main_pretrain.py + engine_pretrain.py) ---

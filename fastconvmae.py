@@ -131,18 +131,13 @@ class Block(nn.Module):
 
 
 def sincos_pos_embed(dim, grid_size):
-    """Fixed 2-D sin-cos position embedding [g*g, dim] (MAE §A.1; no cls token here): the first dim/2
-    channels encode the column index, the last dim/2 the row index; each half is [sin(pos * omega),
-    cos(pos * omega)] with omega_i = 10000^(-i / (dim/4))."""
+    """Fixed 2-D sin-cos position embedding [g*g, dim] (MAE §A.1; no cls token here). The first dim/2 channels encode
+    the column, the last dim/2 the row, each as [sin(pos omega), cos(pos omega)], omega_i = 10000^(-4i/dim)."""
     assert dim % 4 == 0, f"sin-cos embedding needs a width divisible by 4, got {dim}"
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    row, col = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64),
-                              torch.arange(grid_size, dtype=torch.float64), indexing="ij")
-    halves = []
-    for pos in (col.flatten(), row.flatten()):
-        angle = pos[:, None] * omega[None]                             # [g*g, dim/4]
-        halves += [angle.sin(), angle.cos()]
-    return torch.cat(halves, dim=1).float()                             # [g*g, dim]
+    row, col = torch.meshgrid(*[torch.arange(grid_size, dtype=torch.float64)] * 2, indexing="ij")
+    angles = [pos.flatten()[:, None] * omega for pos in (col, row)]    # 2 x [g*g, dim/4]
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1).float()   # [g*g, dim]
 
 
 # --- complementary masking (FastConvMAE §3.1) ---
@@ -389,13 +384,11 @@ def parser():
 
 
 def get_args(argv=None):
-    args = parser().parse_args(argv)
-    check_args(args)
-    return args
+    return check_args(parser().parse_args(argv))
 
 
 def check_args(args):
-    """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts."""
+    """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts; returns args."""
     if args.model not in MODELS:
         sys.exit(f"error: --model {args.model} is unknown; choose one of: {', '.join(MODELS)}")
     ranges = {"at least 1": (lambda v: v >= 1, "epochs batch_size accum_iter save_every log_every builtin_images"),
@@ -417,6 +410,7 @@ def check_args(args):
         sys.exit(f"error: --mask_ratio {args.mask_ratio} with --input_size {args.input_size} ({L} units) does not "
                  f"split into {VIEWS} complementary views; use --mask_ratio 0.75 and a unit count divisible by 4")
     args.output_dir = args.output_dir or os.path.join("output", args.model)
+    return args
 
 
 # --- training (main_pretrain.py + engine_pretrain.py) ---

@@ -358,8 +358,7 @@ def get_args(argv=None):
     p.add_argument("--ema_momentum", type=float, default=0.996, help="EMA teacher momentum at the start (cosine to 1)")
     p.add_argument("--mor_weights", nargs="*", default=[], metavar="NAME=W",
                    help="loss weights, e.g. pixel=1 ema=0.5 clip=2 (default 1 each)")
-    args = p.parse_args(argv)
-    fastconvmae.check_args(args)
+    args = fastconvmae.check_args(p.parse_args(argv))
     check_mor_args(args)
     return args
 

@@ -588,12 +588,11 @@ def get_args(argv=None):
     p.add_argument("--log_every", type=int, default=20, help="optimizer steps between log lines")
     args = p.parse_args(argv)
     args.linprobe = args.linprobe or args.knn                           # k-NN reads the probe's features
-    check_args(args)
-    return args
+    return check_args(args)
 
 
 def check_args(args):
-    """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts."""
+    """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts; returns args."""
     if args.model not in MODELS:
         sys.exit(f"error: --model {args.model} is unknown; choose one of: {', '.join(MODELS)}")
     recipe = {**RECIPES.get(args.model, _MAE), **(LINPROBE if args.linprobe else {})}
@@ -625,6 +624,7 @@ def check_args(args):
         sys.exit(f"error: --input_size {args.input_size} is not a positive multiple of {unit} for {args.model}; "
                  f"try {max(args.input_size // unit, 1) * unit}")
     args.output_dir = args.output_dir or f"output/{args.model}-{'linprobe' if args.linprobe else 'finetune'}"
+    return args
 
 
 # --- training (main_finetune.py / main_linprobe.py + engine_finetune.py) ---

@@ -426,12 +426,11 @@ def get_args(argv=None):
         sys.exit("error: --norm_pix_loss: SimMIM's target is the normalised image, nothing per patch (§3.4); drop it")
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
-    check_args(args)
-    return args
+    return check_args(args)
 
 
 def check_args(args):
-    """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts."""
+    """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts; returns args."""
     if args.model not in MODELS:
         sys.exit(f"error: --model {args.model} is unknown; choose one of: {', '.join(MODELS)}")
     ranges = {"at least 1": (lambda v: v >= 1, "epochs batch_size accum_iter save_every log_every builtin_images"),
@@ -457,6 +456,7 @@ def check_args(args):
     except ValueError as e:
         sys.exit(f"error: --input_size {args.input_size}: {e}")
     args.output_dir = args.output_dir or os.path.join("output", args.model)
+    return args
 
 
 # --- training (main_simmim.py) ---
