@@ -521,8 +521,8 @@ def knn(model, train_images, val_loader, num_classes, device, rank, world_size, 
 
 # --- LARS (MAE util/lars.py, for the linear probe) ---
 def scaled_lr(blr, eff_batch, linprobe):
-    """blr x eff_batch / 256; the linear probe below MAE's batch 16384: blr x sqrt(16384 x eff_batch) / 256 (--blr)."""
-    return blr * (max(eff_batch, math.sqrt(16384 * eff_batch)) if linprobe else eff_batch) / 256
+    """blr x eff_batch / 256; the linear probe below MAE's batch 16384 keeps MAE's lr, blr x 16384 / 256 (--blr)."""
+    return blr * (max(eff_batch, 16384) if linprobe else eff_batch) / 256
 
 
 class LARS(torch.optim.Optimizer):
@@ -563,8 +563,8 @@ def get_args(argv=None):
     p.add_argument("--warmup_epochs", type=int, default=None, help=recipe)
     p.add_argument("--batch_size", type=int, default=None, help=f"per process; {recipe}")
     p.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--blr", type=float, default=None, help=f"lr = blr x effective batch B / 256; --linprobe "
-                   f"below MAE's B=16384: blr x sqrt(16384 B) / 256 (at B / 256 LARS barely moves); {recipe}")
+    p.add_argument("--blr", type=float, default=None, help=f"lr = blr x effective batch B / 256; --linprobe below "
+                   f"MAE's B=16384 keeps its lr, blr x 16384 / 256 (LARS steps are lr x 0.001 of |w|); {recipe}")
     p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
     p.add_argument("--min_lr", type=float, default=None, help=recipe)
     p.add_argument("--weight_decay", type=float, default=None, help=recipe)

@@ -19,12 +19,14 @@ The small-image preset (32 px; 64 px for convnextv2_fcmae_test), named here and 
 
 A name with a suffix (VARIANTS) pre-trains with another script: `+mor` is FastConvMAE's Mixture of Reconstructors
 with its EMA teacher (fastconvmae_mor.py); the classifier is the plain name's. Each command is printed; the runs
-write under --out (default output/pretrain_vs_scratch/<model>/seed<k>/...); a seed's finished study is kept there
-(study.json) and reused by a later call with the same settings.
+write under --out (default output/pretrain_vs_scratch/<model>/seed<k>/<run>); a later call reuses every run that
+finished with the same command (its study.json), so a study stopped partway goes on where it stopped, and a table
+can gather models and seeds run one at a time.
 """
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -53,15 +55,26 @@ def get_args():
     return p.parse_args()
 
 
-def run(script, *args):
-    """Run a script to the end; returns its wall time in seconds."""
-    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
-    print("$", " ".join(cmd[1:]), flush=True)
+def run(out, script, *args, again=False):
+    """Run a script to the end, writing under out; returns its wall time in seconds and whether it ran. A run that
+    finished before with the same command (out/study.json) is not repeated, unless `again`."""
+    cmd, done = [script, *map(str, args), "--output_dir", out], os.path.join(out, "study.json")
+    if not again and os.path.exists(done):
+        with open(done) as f:
+            saved = json.load(f)
+        if saved["command"] == cmd:
+            print("finished before:", " ".join(cmd), flush=True)
+            return saved["seconds"], False
+    print("$", " ".join(cmd), flush=True)
+    shutil.rmtree(out, ignore_errors=True)                              # no log lines of an earlier run
     t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *cmd[1:]], capture_output=True, text=True, cwd=ROOT)
     if r.returncode:
         sys.exit(f"failed:\n{r.stderr[-3000:]}")
-    return time.time() - t0
+    seconds = time.time() - t0
+    with open(done, "w") as f:
+        json.dump({"command": cmd, "seconds": seconds}, f)
+    return seconds, True
 
 
 def evals(out, key="acc1"):
@@ -71,25 +84,17 @@ def evals(out, key="acc1"):
 
 
 def study(args, row, seed):
-    """One model, one seed: {(kind, start): accuracies} and the seconds each part took. A finished study is read back
-    from its study.json when the settings match, so a table can gather runs made one model and seed at a time."""
+    """One model, one seed: {(kind, start): accuracies} and the seconds each part took."""
     out, name = os.path.join(args.out, row, f"seed{seed}"), row.split("+")[0]
-    saved = os.path.join(out, "study.json")
-    settings = {k: v for k, v in vars(args).items() if k not in ("models", "seeds")}
-    if os.path.exists(saved):
-        with open(saved) as f:
-            done = json.load(f)
-        if done["settings"] == settings:
-            print("read", saved, flush=True)
-            return {tuple(k.split()): v for k, v in done["result"].items()}, done["seconds"]
     method = next(m for m in ("fastconvmae", "convmae", "mae", "simmim", "convnextv2") if name.startswith(m))
     script = VARIANTS.get(row, SCRIPT[method])
     common = ["--model", name, "--builtin_images", args.images, "--batch_size", args.batch_size, "--num_workers", 2,
               "--seed", seed]
     schedule = ["--schedule", "cosine"] if script == "simmim.py" else []
-    seconds = {"pre-train": run(script, *common, "--epochs", args.pretrain_epochs, "--warmup_epochs", 1, *schedule,
-                                "--lr", args.pretrain_lr, "--output_dir", os.path.join(out, "pretrain"))}
-    weights = {"pre-trained": ["--finetune", os.path.join(out, "pretrain", "checkpoint-last.pth")], "random": []}
+    seconds, pretrained = {}, os.path.join(out, "pretrain")
+    seconds["pre-train"], new = run(pretrained, script, *common, "--epochs", args.pretrain_epochs, "--warmup_epochs", 1,
+                                    *schedule, "--lr", args.pretrain_lr)
+    weights = {"pre-trained": ["--finetune", os.path.join(pretrained, "checkpoint-last.pth")], "random": []}
     tune = ["--epochs", args.finetune_epochs, "--warmup_epochs", 1, "--lr", args.finetune_lr, "--mixup", 0,
             "--cutmix", 0, "--reprob", 0, "--randaug", 0]
     result = {}
@@ -97,10 +102,9 @@ def study(args, row, seed):
         for kind, extra in (("knn", ["--knn"]), ("probe", ["--linprobe", "--epochs", args.probe_epochs,
                                                            "--warmup_epochs", 1]), ("finetune", tune)):
             run_out = os.path.join(out, f"{kind}-{start}")
-            seconds[f"{kind} {start}"] = run("finetune.py", *common, *flags, *extra, "--output_dir", run_out)
+            seconds[f"{kind} {start}"], _ = run(run_out, "finetune.py", *common, *flags, *extra,
+                                                again=new and start == "pre-trained")   # a new encoder
             result[kind, start] = evals(run_out, "knn_acc1" if kind == "knn" else "acc1")
-    with open(saved, "w") as f:
-        json.dump({"settings": settings, "result": {" ".join(k): v for k, v in result.items()}, "seconds": seconds}, f)
     return result, seconds
 
 
