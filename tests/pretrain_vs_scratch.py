@@ -12,7 +12,9 @@ The small-image preset (32 px; 64 px for convnextv2_fcmae_test), named here and 
 - pre-training: the method file's recipe but for the schedule (--pretrain_epochs, 1 warmup epoch, SimMIM's cosine)
   and the learning rate: the recipes' blr x batch / 256 rule gives 3.75e-5 at batch 64, which in a few thousand steps
   leaves an encoder where it started, so every method gets --pretrain_lr (default 1.5e-3; the recipes reach 4e-4
-  (SimMIM) to 2.4e-3 (MAE, FCMAE) at their own batches);
+  (SimMIM) to 2.4e-3 (MAE, FCMAE) at their own batches); FCMAE at weight decay 1.0, not 0.05: its encoder starts
+  at std 1 (the official init), which the official 800 epochs decay away (x exp(-0.05 x the lrs' sum) = e^-15) but
+  40 epochs here keep (x 0.91 at 0.05, x 0.15 at 1.0), and a classifier built on std-1 weights fine-tunes slowly;
 - linear probe: MAE's protocol (LARS, finetune.py's lr rule at this batch), --probe_epochs;
 - fine-tuning: the method's recipe with crop + flip only (RandAugment, MixUp, CutMix and random erasing off: at this
   budget they keep every model at chance), --finetune_lr and --finetune_epochs, 1 warmup epoch.
@@ -90,10 +92,11 @@ def study(args, row, seed):
     script = VARIANTS.get(row, SCRIPT[method])
     common = ["--model", name, "--builtin_images", args.images, "--batch_size", args.batch_size, "--num_workers", 2,
               "--seed", seed]
-    schedule = ["--schedule", "cosine"] if script == "simmim.py" else []
+    preset = ["--schedule", "cosine"] if script == "simmim.py" else []
+    preset += ["--weight_decay", 1.0] if method == "convnextv2" else []
     seconds, pretrained = {}, os.path.join(out, "pretrain")
     seconds["pre-train"], new = run(pretrained, script, *common, "--epochs", args.pretrain_epochs, "--warmup_epochs", 1,
-                                    *schedule, "--lr", args.pretrain_lr)
+                                    *preset, "--lr", args.pretrain_lr)
     weights = {"pre-trained": ["--finetune", os.path.join(pretrained, "checkpoint-last.pth")], "random": []}
     tune = ["--epochs", args.finetune_epochs, "--warmup_epochs", 1, "--lr", args.finetune_lr, "--mixup", 0,
             "--cutmix", 0, "--reprob", 0, "--randaug", 0]
