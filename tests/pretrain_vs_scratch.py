@@ -12,9 +12,10 @@ The small-image preset (32 px; 64 px for convnextv2_fcmae_test), named here and 
 - pre-training: the method file's recipe but for the schedule (--pretrain_epochs, 1 warmup epoch, SimMIM's cosine)
   and the learning rate: the recipes' blr x batch / 256 rule gives 3.75e-5 at batch 64, which in a few thousand steps
   leaves an encoder where it started, so every method gets --pretrain_lr (default 1.5e-3; the recipes reach 4e-4
-  (SimMIM) to 2.4e-3 (MAE, FCMAE) at their own batches); FCMAE at weight decay 1.0, not 0.05: its encoder starts
-  at std 1 (the official init), which the official 800 epochs decay away (x exp(-0.05 x the lrs' sum) = e^-15) but
-  40 epochs here keep (x 0.91 at 0.05, x 0.15 at 1.0), and a classifier built on std-1 weights fine-tunes slowly;
+  (SimMIM) to 2.4e-3 (MAE, FCMAE) at their own batches); FCMAE at weight decay 1.0 (--fcmae_weight_decay), not
+  0.05: its encoder starts at std 1 (the official init), which decay shrinks by exp(-weight decay x the sum of the
+  lrs): e^-15 over the official 800 epochs, x 0.91 over 40 epochs here at 0.05, x 0.15 at 1.0; a classifier built
+  on weights still near std 1 fine-tunes slowly (docs/STUDY.md);
 - linear probe: MAE's protocol (LARS, finetune.py's lr rule at this batch), --probe_epochs;
 - fine-tuning: the method's recipe with crop + flip only (RandAugment, MixUp, CutMix and random erasing off: at this
   budget they keep every model at chance), --finetune_lr and --finetune_epochs, 1 warmup epoch.
@@ -50,6 +51,7 @@ def get_args():
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--pretrain_epochs", type=int, default=40)
     p.add_argument("--pretrain_lr", type=float, default=1.5e-3)
+    p.add_argument("--fcmae_weight_decay", type=float, default=1.0, help="FCMAE's pre-training (its recipe: 0.05)")
     p.add_argument("--probe_epochs", type=int, default=20)
     p.add_argument("--finetune_epochs", type=int, default=15)
     p.add_argument("--finetune_lr", type=float, default=1e-3, help="the same for both classifiers")
@@ -93,7 +95,7 @@ def study(args, row, seed):
     common = ["--model", name, "--builtin_images", args.images, "--batch_size", args.batch_size, "--num_workers", 2,
               "--seed", seed]
     preset = ["--schedule", "cosine"] if script == "simmim.py" else []
-    preset += ["--weight_decay", 1.0] if method == "convnextv2" else []
+    preset += ["--weight_decay", args.fcmae_weight_decay] if method == "convnextv2" else []
     seconds, pretrained = {}, os.path.join(out, "pretrain")
     seconds["pre-train"], new = run(pretrained, script, *common, "--epochs", args.pretrain_epochs, "--warmup_epochs", 1,
                                     *preset, "--lr", args.pretrain_lr)

@@ -277,6 +277,16 @@ def test_from_scratch_the_encoder_gets_the_official_finetuning_init_not_fcmaes_s
     assert torch.equal(model.head.weight, head)                                # head init kept (x 0.001)
 
 
+def test_at_fcmaes_std_1_init_each_residual_branch_dwarfs_its_input_and_at_the_scratch_init_not():
+    from fcmae_scale import scales                                              # docs/STUDY.md's measurement
+    model, imgs, labels = ft.build_classifier("convnextv2_fcmae_test", 10), torch.randn(8, 3, 64, 64), torch.arange(8)
+    weights, ratios, _ = scales(model, imgs, labels)
+    assert min(weights.values()) > 0.8 and min(ratios) > 10
+    model.init_for_scratch()
+    weights, ratios, _ = scales(model, imgs, labels)
+    assert max(weights.values()) < 0.025 and max(ratios) < 1
+
+
 # --- position embeddings and relative position tables at another resolution ---
 
 def test_interpolation_at_the_same_resolution_returns_the_embeddings_unchanged():
