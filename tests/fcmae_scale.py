@@ -25,6 +25,7 @@ def rms(t):
 def scales(model, imgs, labels):
     """Weight RMS per layer kind (mean over blocks), branch / input RMS per block, |grad| / |w| per layer kind."""
     model.eval()                                                        # no drop path: the branches as they are
+    model.zero_grad()
     blocks = [blk for stage in model.stages for blk in stage]
     ratios = []
     hooks = [blk.register_forward_hook(lambda m, i, o: ratios.append(rms(o - i[0]) / rms(i[0]))) for blk in blocks]
