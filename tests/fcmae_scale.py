@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import finetune  # noqa: E402
-from common import load_checkpoint, load_images  # noqa: E402
+from common import load_images  # noqa: E402
 
 NAME, SIZE, LAYERS = "convnextv2_fcmae_test", 64, ("dwconv", "pwconv1", "pwconv2")
 
@@ -39,8 +39,8 @@ def scales(model, imgs, labels):
 def main(paths):
     torch.manual_seed(0)
     val, transform = load_images(None, "val", SIZE, 1024), finetune.eval_transform(SIZE)
-    imgs = torch.stack([transform(val[i][0]) for i in range(128)])
-    labels = torch.tensor([val[i][1] for i in range(128)])
+    images, labels = zip(*(val[i] for i in range(128)))                # each image drawn once
+    imgs, labels = torch.stack([transform(img) for img in images]), torch.tensor(labels)
     print("| start | weight RMS: dwconv / pwconv1 / pwconv2 | branch / input RMS, blocks 1-4 | "
           "grad / weight: dwconv / pwconv1 / pwconv2 |\n|---|---|---|---|")
     for start in ["FCMAE init", *paths, "scratch init"]:
@@ -48,7 +48,7 @@ def main(paths):
         if start == "scratch init":
             model.init_for_scratch()
         elif start != "FCMAE init":
-            finetune.load_weights(model, load_checkpoint(start), start)
+            finetune.load_weights(model, finetune.read_checkpoint(start, "checkpoint"), start)   # one-line errors
         w, ratios, g = scales(model, imgs, labels)
         print(f"| {start} | {' / '.join(f'{w[k]:.3f}' for k in LAYERS)} | {' '.join(f'{r:.1f}' for r in ratios)} | "
               f"{' / '.join(f'{g[k]:.1e}' for k in LAYERS)} |")
