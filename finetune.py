@@ -21,6 +21,7 @@ layer-id rule, drop path, AdamW, warmup + cosine, MixUp/CutMix, label smoothing,
 Without --finetune the same classifier trains from scratch: the baseline that pre-training is measured against.
 """
 import argparse
+import copy
 import itertools
 import json
 import math
@@ -37,6 +38,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+from PIL import Image, ImageEnhance, ImageOps
+from torchvision import transforms
 from torchvision.transforms import v2
 
 import convmae
@@ -45,7 +48,7 @@ import fastconvmae
 import mae
 import simmim
 from common import BICUBIC, IMAGENET_MEAN, IMAGENET_STD, ImageFiles, cosine_lr, load_checkpoint, load_images, \
-    pretrain_loader, pretrain_transform, set_lr
+    pretrain_loader, set_lr
 from mae import count_ranks, save_training_state, setup_distributed   # the loop's helpers, as in the method files
 
 METHODS = {"mae": mae, "convmae": convmae, "fastconvmae": fastconvmae, "simmim": simmim, "convnextv2": convnextv2_fcmae}
@@ -55,14 +58,15 @@ MODELS = {name: method for method, module in METHODS.items() for name in module.
 # MAE FINETUNE.md / main_finetune.py: the base of every recipe here
 _MAE = dict(epochs=100, warmup_epochs=5, batch_size=32, blr=5e-4, min_lr=1e-6, weight_decay=0.05, layer_decay=0.65,
             drop_path=0.1, mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25, clip_grad=0.0, input_size=None,
-            layer_decay_type="single", window_size=None)
-# SimMIM configs/*finetune*: lr 1.25e-3 per 512 images (= 6.25e-4 per 256), 20 warmup epochs, clip 5
-_SIMMIM = dict(_MAE, warmup_epochs=20, blr=6.25e-4, min_lr=5e-7, clip_grad=5.0)
-# ConvNeXt V2 TRAINING.md: base (group layer decay), tiny, atto (no MixUp/CutMix); all with EMA (not here)
-_CONVNEXT_BASE = dict(_MAE, warmup_epochs=20, blr=6.25e-4, layer_decay=0.6, layer_decay_type="group")
-_CONVNEXT_TINY = dict(_MAE, epochs=300, warmup_epochs=40, blr=8e-4, layer_decay=0.9, drop_path=0.2)
+            layer_decay_type="single", window_size=None, model_ema=False, schedule="mae")
+# SimMIM configs/*finetune*: lr 1.25e-3 per 512 images (= 6.25e-4 per 256), 20 warmup epochs, clip 5, timm's cosine
+# from and down to 2.5e-7 per 512 images (min_lr None: that, at the run's batch; see simmim_lr)
+_SIMMIM = dict(_MAE, warmup_epochs=20, blr=6.25e-4, min_lr=None, clip_grad=5.0, schedule="simmim")
+# ConvNeXt V2 TRAINING.md: base (group layer decay), tiny, atto (no MixUp/CutMix); every command keeps an EMA
+_CONVNEXT_BASE = dict(_MAE, warmup_epochs=20, blr=6.25e-4, layer_decay=0.6, layer_decay_type="group", model_ema=True)
+_CONVNEXT_TINY = dict(_MAE, epochs=300, warmup_epochs=40, blr=8e-4, layer_decay=0.9, drop_path=0.2, model_ema=True)
 _CONVNEXT_ATTO = dict(_MAE, epochs=600, warmup_epochs=0, blr=2e-4, layer_decay=0.9, weight_decay=0.3,
-                      mixup=0.0, cutmix=0.0, smoothing=0.2)
+                      mixup=0.0, cutmix=0.0, smoothing=0.2, model_ema=True)
 RECIPES = {
     "mae_vit_large_patch16": dict(_MAE, epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.2),
     "mae_vit_huge_patch14": dict(_MAE, epochs=50, blr=1e-3, layer_decay=0.75, drop_path=0.3),
@@ -75,7 +79,8 @@ RECIPES = {
 }                                                               # any other name: _MAE (ConvMAE FINETUNE.md is MAE's)
 # MAE main_linprobe.py: LARS, blr 0.1, no weight decay, 90 epochs, 16384 images per step, light augmentation
 LINPROBE = dict(epochs=90, warmup_epochs=10, batch_size=512, blr=0.1, min_lr=0.0, weight_decay=0.0, layer_decay=1.0,
-                drop_path=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, reprob=0.0, clip_grad=0.0)
+                drop_path=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0, reprob=0.0, clip_grad=0.0, model_ema=False,
+                schedule="mae")
 
 
 # --- classifiers: the official fine-tuning models, made of a pre-training model's encoder ---
@@ -173,14 +178,47 @@ def interpolate_pos_embed(pos, grid, extra):
 
 
 def interpolate_rel_pos_table(table, side, extra=0):
-    """A relative position bias table [(2w-1)^2 + extra, heads] of a w x w window resized to side = 2w' - 1, bicubic,
-    corners and `extra` (cls) rows kept. (SimMIM: scipy's interp2d on a geometric grid; scipy is no dependency.)"""
+    """A relative position bias table [s*s + extra, heads] resized to [side*side + extra, heads] as SimMIM's utils.py
+    does (remap_pretrained_keys_*): the s old offsets spread on a geometric grid that reaches about side // 2, then
+    scipy's interp2d(kind='cubic') at the integer offsets; the `extra` (cls) rows kept. interp2d on gridded data is
+    the tensor-product not-a-knot cubic spline, evaluated at points clamped to the grid: here in fp64 torch."""
     s = math.isqrt(table.shape[0] - extra)
     if s == side or s * s != table.shape[0] - extra:
         return table
-    grid = table[:s * s].T.reshape(1, -1, s, s).float()
-    grid = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=True)
-    return torch.cat([grid.reshape(-1, side * side).T.to(table.dtype), table[s * s:]])
+    if s < 4:
+        raise ValueError(f"a relative position table of {s} x {s} offsets is too small for SimMIM's cubic resize")
+    left, right = 1.01, 1.5                                             # bisection for the ratio q
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if (1.0 - q ** (s // 2)) / (1.0 - q) > side // 2:               # 1 + q + ... + q^(s//2 - 1)
+            right = q
+        else:
+            left = q
+    far = list(itertools.accumulate(q ** i for i in range(s // 2)))   # 1, 1 + q, 1 + q + q^2, ...
+    x = torch.tensor([-d for d in reversed(far)] + [0.0] + far, dtype=torch.float64)
+    S = cubic_spline_matrix(x, torch.arange(-(side // 2), side // 2 + 1, dtype=torch.float64))   # [side, s]
+    z = table[:s * s].T.reshape(-1, s, s).double()                      # [heads, s, s]: z[h, row (y), column (x)]
+    z = (S @ z @ S.T).reshape(-1, side * side).T                        # [side * side, heads]
+    return torch.cat([z.to(table.dtype), table[s * s:]])
+
+
+def cubic_spline_matrix(x, u):
+    """[len(u), len(x)]: the not-a-knot cubic spline through the points (x, y), at u clamped to [x_0, x_n-1], as a
+    matrix acting on y. Its second derivatives M solve the n - 2 continuity equations plus a continuous third
+    derivative at x_1 and x_n-2 (not-a-knot); between x_k and x_k+1 it is the cubic of M_k, M_k+1, y_k, y_k+1."""
+    n, h = len(x), x[1:] - x[:-1]
+    A, B, eye = torch.zeros(n, n, dtype=x.dtype), torch.zeros(n, n, dtype=x.dtype), torch.eye(n, dtype=x.dtype)
+    for i in range(1, n - 1):                                           # A M = B y
+        A[i, i - 1:i + 2] = torch.stack([h[i - 1], 2 * (h[i - 1] + h[i]), h[i]])
+        B[i, i - 1:i + 2] = torch.stack([6 / h[i - 1], -6 / h[i - 1] - 6 / h[i], 6 / h[i]])
+    A[0, :3] = torch.stack([-h[1], h[0] + h[1], -h[0]])
+    A[-1, -3:] = torch.stack([-h[-1], h[-2] + h[-1], -h[-2]])
+    M = torch.linalg.solve(A, B)                                        # [n, n]: M = that matrix @ y
+    u = u.clamp(x[0], x[-1])
+    k = (torch.searchsorted(x, u, right=True) - 1).clamp(0, n - 2)
+    a, b, hk = (x[k + 1] - u)[:, None], (u - x[k])[:, None], h[k][:, None]
+    return (M[k] * a ** 3 + M[k + 1] * b ** 3) / (6 * hk) + (eye[k] - M[k] * hk ** 2 / 6) * a / hk + \
+        (eye[k + 1] - M[k + 1] * hk ** 2 / 6) * b / hk
 
 
 class ViT(Classifier):
@@ -434,24 +472,124 @@ def load_weights(model, checkpoint, flag, strict=False):
     return missing, unused
 
 
+# --- RandAugment: timm 0.3.2's rand-m9-mstd0.5-inc1, the augmentation of every official fine-tuning script ---
+FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)                     # (124, 116, 104): timm's img_mean
+
+
+def _affine(img, matrix):
+    return img.transform(img.size, Image.AFFINE, matrix, resample=Image.BICUBIC, fillcolor=FILL)
+
+
+def _lut(img, table):                                                   # the same 256-entry table for every band
+    return img.point(table * len(img.getbands()))
+
+
+# name: (operation(img, argument), the argument at magnitude m of 10 (None: no argument), whether its sign is drawn);
+# timm's "increasing" variants: every operation changes the image more as m grows
+RAND_OPS = {
+    "AutoContrast": (lambda img, _: ImageOps.autocontrast(img), None, False),
+    "Equalize": (lambda img, _: ImageOps.equalize(img), None, False),
+    "Invert": (lambda img, _: ImageOps.invert(img), None, False),
+    "Rotate": (lambda img, deg: img.rotate(deg, resample=Image.BICUBIC, fillcolor=FILL), lambda m: m / 10 * 30.0, True),
+    "PosterizeIncreasing": (lambda img, bits: _lut(img, [i & ~(2 ** (8 - bits) - 1) for i in range(256)]),
+                            lambda m: 4 - int(m / 10 * 4), False),     # keep 4..0 bits; 0: black, as Pillow < 10 did
+    "SolarizeIncreasing": (lambda img, thresh: ImageOps.solarize(img, thresh), lambda m: 256 - int(m / 10 * 256), False),
+    "SolarizeAdd": (lambda img, add: _lut(img, [min(255, i + add) if i < 128 else i for i in range(256)]),
+                    lambda m: int(m / 10 * 110), False),
+    "ColorIncreasing": (lambda img, v: ImageEnhance.Color(img).enhance(1.0 + v), lambda m: m / 10 * 0.9, True),
+    "ContrastIncreasing": (lambda img, v: ImageEnhance.Contrast(img).enhance(1.0 + v), lambda m: m / 10 * 0.9, True),
+    "BrightnessIncreasing": (lambda img, v: ImageEnhance.Brightness(img).enhance(1.0 + v), lambda m: m / 10 * 0.9,
+                             True),
+    "SharpnessIncreasing": (lambda img, v: ImageEnhance.Sharpness(img).enhance(1.0 + v), lambda m: m / 10 * 0.9, True),
+    "ShearX": (lambda img, v: _affine(img, (1, v, 0, 0, 1, 0)), lambda m: m / 10 * 0.3, True),
+    "ShearY": (lambda img, v: _affine(img, (1, 0, 0, v, 1, 0)), lambda m: m / 10 * 0.3, True),
+    "TranslateXRel": (lambda img, v: _affine(img, (1, 0, v * img.size[0], 0, 1, 0)), lambda m: m / 10 * 0.45, True),
+    "TranslateYRel": (lambda img, v: _affine(img, (1, 0, 0, 0, 1, v * img.size[1])), lambda m: m / 10 * 0.45, True),
+}
+
+
+def rand_op(img, name, magnitude, negated=False):
+    """RAND_OPS[name] on a PIL image at `magnitude` (0..10), its argument negated if the operation has a sign."""
+    op, level, signed = RAND_OPS[name]
+    arg = level(magnitude) if level else None
+    return op(img, -arg if signed and negated else arg)
+
+
+class RandAugment:
+    """timm 0.3.2's RandAugment as `rand-m9-mstd0.5-inc1` sets it up: 2 of the 15 RAND_OPS drawn with replacement,
+    each applied with probability 0.5, at a magnitude drawn per call from N(9, 0.5) clipped to [0, 10], its argument
+    negated half the time. The draws come from torch's default generator, which common.SeededSamples seeds per
+    sample: a resumed run augments every image as the uninterrupted run did."""
+
+    def __init__(self, magnitude=9, std=0.5, num_ops=2, prob=0.5):
+        self.magnitude, self.std, self.num_ops, self.prob = magnitude, std, num_ops, prob
+
+    def draw(self):
+        """[(name, magnitude, negated)] of the operations to apply, in order (those skipped left out)."""
+        names, ops = list(RAND_OPS), []
+        for k in torch.randint(len(names), (self.num_ops,)).tolist():
+            if torch.rand(()).item() < self.prob:
+                m = self.magnitude + self.std * torch.randn((), dtype=torch.float64).item()
+                ops.append((names[k], min(10.0, max(0.0, m)), torch.rand(()).item() < 0.5))
+        return ops
+
+    def __call__(self, img):
+        for name, magnitude, negated in self.draw():
+            img = rand_op(img, name, magnitude, negated)
+        return img
+
+
 # --- data: train and eval transforms, MixUp / CutMix, the evaluation loader ---
 def train_transform(size, reprob, randaug=9):
     """timm's create_transform as the fine-tuning scripts call it, in torchvision v2 (timm is no dependency): random
-    resized crop (bicubic), flip, RandAugment, normalisation, random erasing (per-pixel noise). RandAugment here applies
-    both ops every time at magnitude m of 10; timm's rand-m9-mstd0.5-inc1 each with p 0.5 at m ~ N(9, 0.5)."""
+    resized crop (bicubic), flip, RandAugment (timm's; --randaug sets its mean magnitude, 0: off), normalisation,
+    random erasing (per-pixel noise)."""
     return v2.Compose([
         v2.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(),
-        v2.RandAugment(num_ops=2, magnitude=randaug, num_magnitude_bins=11, interpolation=BICUBIC,  # of timm's 10
-                       fill=[round(255 * m) for m in IMAGENET_MEAN]) if randaug > 0 else v2.Identity(),
-        v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        RandAugment(randaug) if randaug > 0 else v2.Identity(),
+        transforms.ToTensor(), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),   # x / 255 as timm's (v2 multiplies by 1/255)
         v2.RandomErasing(p=reprob, value="random") if reprob > 0 else v2.Identity()])
 
 
-def eval_transform(size):
-    """Resize to size / 0.875 (bicubic), centre crop: MAE's build_transform for evaluation."""
-    return v2.Compose([v2.Resize(int(size / 0.875), interpolation=BICUBIC), v2.CenterCrop(size), v2.PILToTensor(),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+class ProbeCrop(transforms.RandomResizedCrop):
+    """MAE's util/crop.py RandomResizedCrop, the linear probe's: one draw of the area (a fraction in `scale` of the
+    image's) and of the log aspect ratio, width and height then clamped to the image's. (torchvision's tries ten
+    draws that fit, then takes the centre: smaller crops on images far from square.)"""
+
+    @staticmethod
+    def get_params(img, scale, ratio):
+        W, H = img.size
+        area = H * W * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        log_ratio = torch.log(torch.tensor(ratio))
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w, h = min(int(round(math.sqrt(area * aspect))), W), min(int(round(math.sqrt(area / aspect))), H)
+        i = torch.randint(0, H - h + 1, size=(1,)).item()
+        j = torch.randint(0, W - w + 1, size=(1,)).item()
+        return i, j, h, w
+
+
+def probe_transform(size):
+    """MAE main_linprobe.py: the crop above (bicubic), flip, normalisation."""
+    return transforms.Compose([ProbeCrop(size, interpolation=BICUBIC), transforms.RandomHorizontalFlip(),
+                               transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def eval_transform(size, method="mae"):
+    """Each official evaluation's resize (bicubic) and centre crop. MAE (ConvMAE and the linear probe too): the short
+    side to size / 0.875 up to 224 px, to size above; SimMIM: to 256 / 224 x size; ConvNeXt V2: to size / 0.875
+    below 384 px, from 384 px the whole image to size x size (no crop)."""
+    if method == "convnextv2" and size >= 384:
+        resize = [v2.Resize((size, size), interpolation=BICUBIC)]
+    else:
+        if method == "simmim":
+            short = int(256 / 224 * size)
+        elif method != "convnextv2" and size > 224:                      # MAE's crop_pct 1.0
+            short = size
+        else:
+            short = int(size / (224 / 256))                             # crop_pct 0.875
+        resize = [v2.Resize(short, interpolation=BICUBIC), v2.CenterCrop(size)]
+    return v2.Compose([*resize, transforms.ToTensor(), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 class Transformed(Dataset):
@@ -484,6 +622,7 @@ def mix_and_smooth(mixup, cutmix, smoothing, num_classes):
 @torch.no_grad()
 def evaluate(model, loader, device, autocast, distributed, classify=None):
     """Top-1 and top-5 accuracy (%) of classify(imgs) (the model's logits) over all ranks' disjoint shares."""
+    training = model.training
     model.eval()
     counts = torch.zeros(3, device=device, dtype=torch.float64)        # top-1 hits, top-5 hits, images
     for imgs, labels in loader:
@@ -493,7 +632,7 @@ def evaluate(model, loader, device, autocast, distributed, classify=None):
         counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(hits), device=device)])
     if distributed:
         dist.all_reduce(counts)
-    model.train()
+    model.train(training)
     return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
 
 
@@ -517,6 +656,74 @@ def knn(model, train_images, val_loader, num_classes, device, rank, world_size, 
     acc1, acc5 = evaluate(model, val_loader, device, nullcontext(), world_size > 1, classify=vote)
     print(json.dumps({"knn_acc1": acc1, "knn_acc5": acc5}), file=log_file, flush=True)
     return acc1, acc5
+
+
+def evaluate_epoch(model, ema, loader, device, autocast, distributed, best):
+    """Top-1/top-5 of the model and of its EMA (if kept); updates `best` (the official scripts keep the best top-1,
+    and its checkpoint, of each). Returns (the best checkpoints to write: "best", "best-ema"), the log record."""
+    report, improved = {}, []
+    for prefix, name, net in (("", "best", model), ("ema_", "best-ema", ema.module if ema else None)):
+        if net is not None:
+            acc1, acc5 = evaluate(net, loader, device, autocast, distributed)
+            if acc1 > best.get(prefix + "acc1", 0.0):                  # as the official: strictly above, from 0
+                improved.append(name)
+            best[prefix + "acc1"] = max(acc1, best.get(prefix + "acc1", 0.0))
+            report |= {prefix + "acc1": acc1, prefix + "acc5": acc5, f"best_{prefix}acc1": best[prefix + "acc1"]}
+    return improved, report
+
+
+def accuracy_line(report, who=""):
+    """'top-1 71.20 % (best 71.90) | top-5 90.10 %', and the EMA's after it."""
+    line = (f"{who}top-1 {report['acc1']:.2f} % (best {report['best_acc1']:.2f}) | top-5 {report['acc5']:.2f} %")
+    ema = {k.replace("ema_", ""): v for k, v in report.items() if "ema_" in k}
+    return line + (" | " + accuracy_line(ema, "EMA ") if ema else "")
+
+
+# --- EMA of the weights (timm's ModelEma, as ConvNeXt V2's fine-tuning keeps one) ---
+class ModelEma:
+    """A copy of the model whose floating-point weights and buffers move to decay x theirs + (1 - decay) x the model's
+    after every optimizer step (timm 0.3.2's ModelEma; integer buffers are copied); evaluated beside the model. The
+    update is two foreach kernels on the model's device: nothing waits for the GPU."""
+
+    def __init__(self, model, decay):
+        self.module, self.decay = copy.deepcopy(model).eval().requires_grad_(False), decay
+        pairs = [(e, m) for e, m in zip(self.module.state_dict().values(), model.state_dict().values())]
+        self.averaged = [[e for e, m in pairs if e.is_floating_point()], [m for e, m in pairs if e.is_floating_point()]]
+        self.copied = [(e, m) for e, m in pairs if not e.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self):
+        ema, live = self.averaged
+        torch._foreach_mul_(ema, self.decay)
+        torch._foreach_add_(ema, live, alpha=1 - self.decay)
+        for e, m in self.copied:
+            e.copy_(m)
+
+
+# --- learning rate: MAE's schedule (common.cosine_lr) or SimMIM's ---
+def simmim_lr(t, peak, floor, warmup, total):
+    """timm's CosineLRScheduler as SimMIM's lr_scheduler.py sets it up, at micro-batch t of `total`: linear from `floor`
+    to `peak` over the first `warmup`, and a cosine from `peak` to `floor` over all `total`, warmup included (t_initial
+    = all steps). A group's peak is lr x its layer-decay scale; floor and warmup start are not scaled."""
+    if t < warmup:
+        return floor + t * (peak - floor) / warmup
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(t, total) / total))
+
+
+def set_step_lr(optimizer, args, t, batches_per_epoch):
+    """Set each group's lr for the optimizer step that starts at micro-batch t of the run; returns the lr at layer
+    scale 1 (the head's). MAE: common.cosine_lr at the fractional epoch, x each group's scale. SimMIM: its timm
+    scheduler steps after each optimizer step, at that step's last micro-batch, so a step runs at t - 1's lr."""
+    if args.schedule == "simmim":
+        def at(peak):
+            return simmim_lr(max(t - 1, 0), peak, args.min_lr, args.warmup_epochs * batches_per_epoch,
+                             args.epochs * batches_per_epoch)
+        for g in optimizer.param_groups:
+            g["lr"] = at(args.lr * g.get("lr_scale", 1.0))
+        return at(args.lr)
+    lr = cosine_lr(t / batches_per_epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
+    set_lr(optimizer, lr)
+    return lr
 
 
 # --- LARS (MAE util/lars.py, for the linear probe) ---
@@ -566,7 +773,7 @@ def get_args(argv=None):
     p.add_argument("--blr", type=float, default=None, help=f"lr = blr x effective batch B / 256; --linprobe below "
                    f"MAE's B=16384 keeps its lr, blr x 16384 / 256 (LARS steps are lr x 0.001 of |w|); {recipe}")
     p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
-    p.add_argument("--min_lr", type=float, default=None, help=recipe)
+    p.add_argument("--min_lr", type=float, default=None, help=f"{recipe}; SimMIM's: 2.5e-7 x B / 512, also its warmup start")
     p.add_argument("--weight_decay", type=float, default=None, help=recipe)
     p.add_argument("--layer_decay", type=float, default=None, help=f"layer-wise lr decay; {recipe}")
     p.add_argument("--drop_path", type=float, default=None, help=recipe)
@@ -577,7 +784,12 @@ def get_args(argv=None):
     p.add_argument("--cutmix", type=float, default=None, help=f"CutMix alpha, 0 = off; {recipe}")
     p.add_argument("--smoothing", type=float, default=None, help=f"label smoothing; {recipe}")
     p.add_argument("--reprob", type=float, default=None, help=f"random erasing probability; {recipe}")
-    p.add_argument("--randaug", type=int, default=9, help="RandAugment magnitude (of 10; 0 = off): timm's rand-m9")
+    p.add_argument("--randaug", type=int, default=9, help="RandAugment's mean magnitude (of 10; 0 = off): timm's "
+                   "rand-m9-mstd0.5-inc1")
+    p.add_argument("--model_ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep an EMA of the weights, evaluated each epoch; with --eval: evaluate the checkpoint's EMA; "
+                   "default: the recipe's (ConvNeXt V2: on)")
+    p.add_argument("--model_ema_decay", type=float, default=0.9999, help="EMA decay per optimizer step")
     p.add_argument("--output_dir", default=None, help="default: output/<model>-finetune (or -linprobe)")
     p.add_argument("--resume", default="", help="checkpoint, or 'auto': output_dir/checkpoint-last.pth if present")
     p.add_argument("--seed", type=int, default=0)
@@ -596,12 +808,15 @@ def check_args(args):
     if args.model not in MODELS:
         sys.exit(f"error: --model {args.model} is unknown; choose one of: {', '.join(MODELS)}")
     recipe = {**RECIPES.get(args.model, _MAE), **(LINPROBE if args.linprobe else {})}
+    if args.eval:                                                       # evaluates the weights --resume names
+        recipe["model_ema"] = False
     vars(args).update({flag: value for flag, value in recipe.items() if getattr(args, flag, None) is None})
     for allowed, ok, flags in (("at least 1", lambda v: v >= 1, ("epochs", "batch_size", "accum_iter", "save_every",
                                                                  "log_every", "builtin_images")),
                                ("at least 0", lambda v: v >= 0, ("warmup_epochs", "num_workers", "blr", "lr", "min_lr",
                                                                  "weight_decay", "clip_grad", "mixup", "cutmix")),
-                               ("in [0, 1)", lambda v: 0 <= v < 1, ("drop_path", "smoothing", "reprob")),
+                               ("in [0, 1)", lambda v: 0 <= v < 1, ("drop_path", "smoothing", "reprob",
+                                                                    "model_ema_decay")),
                                ("in (0, 1]", lambda v: 0 < v <= 1, ("layer_decay",)),
                                ("in 0..10", lambda v: 0 <= v <= 10, ("randaug",))):
         for flag in flags:                                              # None: a default computed later
@@ -649,7 +864,7 @@ def data(args, rank, world_size):
             raise ValueError(f"--data {args.data}: no class folders; fine-tuning needs DIR/{{train,val}}/<class>/*")
         if getattr(val_images, "classes", classes) != classes:
             raise ValueError(f"--data {args.data}: train and val have different class folders")
-        transform = (pretrain_transform(args.input_size, scale=(0.08, 1.0)) if args.linprobe
+        transform = (probe_transform(args.input_size) if args.linprobe
                      else train_transform(args.input_size, args.reprob, args.randaug))
         loader = None if args.eval else pretrain_loader(train_images, args.input_size, args.batch_size, 0,
                                                         args.seed, rank, world_size, args.num_workers, transform)
@@ -657,7 +872,8 @@ def data(args, rank, world_size):
         sys.exit(f"error: {e}")
     if loader is not None and len(loader) < args.accum_iter:
         sys.exit(f"error: --accum_iter {args.accum_iter} exceeds the {len(loader)} batches per epoch; lower it")
-    val_share = Transformed(val_images, eval_transform(args.input_size), range(rank, len(val_images), world_size))
+    val_transform = eval_transform(args.input_size, "mae" if args.linprobe else MODELS[args.model])
+    val_share = Transformed(val_images, val_transform, range(rank, len(val_images), world_size))
     val_loader = DataLoader(val_share, args.batch_size, num_workers=args.num_workers,
                             pin_memory=torch.cuda.is_available())
     return classes, loader, mix_and_smooth(args.mixup, args.cutmix, args.smoothing, len(classes)), val_loader
@@ -680,8 +896,12 @@ def build_model(args, num_classes, device, log):
             f"  in it, not used: {summarize(unused)}")
     if args.linprobe:
         model.make_linear_probe()
-    if args.eval:
-        load_weights(model, read_checkpoint(args.resume, "--resume"), f"--resume {args.resume}", strict=True)
+    if args.eval:                                                       # the weights, or with --model_ema the EMA's
+        ckpt = read_checkpoint(args.resume, "--resume")
+        if args.model_ema and "model_ema" not in ckpt:
+            sys.exit(f"error: --resume {args.resume} holds no EMA weights ('model_ema'); drop --model_ema")
+        ckpt = {**ckpt, "model": ckpt["model_ema"]} if args.model_ema else ckpt
+        load_weights(model, ckpt, f"--resume {args.resume}", strict=True)
     model = model.to(device)
     if dist.is_initialized():                                           # DDP warns on any grad whose strides differ
         for w in (p for p in model.parameters() if p.requires_grad):   # from the weight's, as 1x1 and depthwise conv
@@ -689,10 +909,12 @@ def build_model(args, num_classes, device, log):
     return model
 
 
-def resume(args, model, optimizer, scaler, world_size, host_group, log):
-    """mae.resume (weights, optimizer, scaler; returns (epoch, batch in epoch)) once the file's args (read alone,
-    mmap) say it is this script's checkpoint in this mode: pre-trained weights belong to --finetune."""
+def resume(args, model, optimizer, scaler, ema, world_size, host_group, log):
+    """mae.resume (weights, optimizer, scaler, position (epoch, batch in epoch)) once the file's args (read alone,
+    mmap) say it is this script's checkpoint in this mode (pre-trained weights belong to --finetune); then the EMA
+    and the best top-1 so far. Returns (epoch, batch in epoch, best: {"acc1": .., "ema_acc1": ..})."""
     path = os.path.join(args.output_dir, "checkpoint-last.pth") if args.resume == "auto" else args.resume
+    ckpt = {}
     if path and os.path.isfile(path):
         ckpt = read_checkpoint(path, "--resume", mmap=True)
         saved = ckpt["args"] if isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict) else {}   # ours: a dict
@@ -702,7 +924,12 @@ def resume(args, model, optimizer, scaler, world_size, host_group, log):
         if found != want:
             sys.exit(f"error: --resume {path} is not a {want} checkpoint ({found}); pass --finetune for pre-trained "
                      f"weights, or start a new --output_dir")
-    return mae.resume(args, model, optimizer, scaler, world_size, host_group, log)
+    epoch, batch_in_epoch = mae.resume(args, model, optimizer, scaler, world_size, host_group, log)
+    if ema and "model_ema" in ckpt:
+        ema.module.load_state_dict(ckpt["model_ema"])
+    elif ema and ckpt:
+        log(f"warning: {path} holds no EMA ('model_ema'): the EMA starts from its weights")
+    return epoch, batch_in_epoch, ckpt.get("best", {})
 
 
 def main(args):
@@ -754,6 +981,7 @@ def main(args):
     # 6. optimizer: lr = blr x eff_batch / 256; AdamW, or LARS for the linear probe (MAE §A.1)
     eff_batch = args.batch_size * args.accum_iter * world_size
     args.lr = args.lr if args.lr is not None else scaled_lr(args.blr, eff_batch, args.linprobe)
+    args.min_lr = args.min_lr if args.min_lr is not None else 2.5e-7 * eff_batch / 512   # SimMIM's rule
     optimizer = LARS(groups) if args.linprobe else torch.optim.AdamW(groups, lr=args.lr, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
     log(f"{args.model} {'linear probe' if args.linprobe else 'fine-tune'} | {len(classes)} classes | "
@@ -761,9 +989,10 @@ def main(args):
         f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {world_size} | lr {args.lr:.3g} | "
         f"{steps_per_epoch} steps/epoch | amp {amp} | {device}")
 
-    # 7. schedule: warmup + cosine, the lr set before every optimizer step from the fractional epoch (in 9)
-    # 8. resume: weights, optimizer, scaler and the position (epoch, batch in epoch)
-    epoch, batch_in_epoch = resume(args, model_without_ddp, optimizer, scaler, world_size, host_group, log)
+    # 7. schedule: the method's warmup + cosine, the lr set before every optimizer step (in 9)
+    # 8. resume: weights, optimizer, scaler, EMA, the position (epoch, batch in epoch) and the best top-1 so far
+    ema = ModelEma(model_without_ddp, args.model_ema_decay) if args.model_ema else None
+    epoch, batch_in_epoch, best = resume(args, model_without_ddp, optimizer, scaler, ema, world_size, host_group, log)
     path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
     stop = []                                                           # SIGTERM: save at the next step, exit 0
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
@@ -776,9 +1005,7 @@ def main(args):
         loss_sum, n_summed, t_log = torch.zeros((), device=device), 0, time.time()
         for imgs, labels in itertools.islice(loader, batches_per_epoch - batch_in_epoch):
             if batch_in_epoch % args.accum_iter == 0:
-                lr = cosine_lr(epoch + batch_in_epoch / batches_per_epoch, args.lr, args.min_lr,
-                               args.warmup_epochs, args.epochs)
-                set_lr(optimizer, lr)
+                lr = set_step_lr(optimizer, args, epoch * batches_per_epoch + batch_in_epoch, batches_per_epoch)
             imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             # MixUp/CutMix and drop path draw from a stream keyed by rank and micro-batch: resume is exact
             torch.manual_seed(args.seed + rank + world_size * (epoch * batches_per_epoch + batch_in_epoch))
@@ -800,6 +1027,8 @@ def main(args):
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if ema:
+                ema.update()
             step = batch_in_epoch // args.accum_iter
             stopping = count_ranks(bool(stop), host_group) > 0          # any SIGTERM? a CPU float on gloo: no GPU sync
             if step % args.log_every == 0 or batch_in_epoch == batches_per_epoch or stopping:
@@ -816,19 +1045,21 @@ def main(args):
                 loss_sum, n_summed, t_log = torch.zeros((), device=device), 0, time.time()
             if stopping:
                 break
+        improved = []
         if not stopping:
             epoch, batch_in_epoch = epoch + 1, 0
-            acc1, acc5 = evaluate(model_without_ddp, val_loader, device, autocast, distributed)
+            improved, report = evaluate_epoch(model_without_ddp, ema, val_loader, device, autocast, distributed, best)
         keep = not stopping and (epoch % args.save_every == 0 or epoch == args.epochs)   # a copy every save_every
-        save_training_state([path_last] + [os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")] * keep,
-                            model_without_ddp, optimizer, scaler, args, world_size=world_size, epoch=epoch,
-                            batch_in_epoch=batch_in_epoch)
+        state = dict(world_size=world_size, epoch=epoch, batch_in_epoch=batch_in_epoch, best=best,
+                     **({"model_ema": ema.module.state_dict()} if ema else {}))
+        save_training_state([path_last] + [os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")] * keep +
+                            [os.path.join(args.output_dir, f"checkpoint-{name}.pth") for name in improved],
+                            model_without_ddp, optimizer, scaler, args, **state)
         if stopping:
             log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
         else:
-            print(json.dumps({"epoch": epoch, "acc1": acc1, "acc5": acc5}), file=log_file, flush=True)
-            log(f"epoch {epoch}/{args.epochs} | loss {loss:.4f} | top-1 {acc1:.2f} % | top-5 {acc5:.2f} % | "
-                f"{args.output_dir}")
+            print(json.dumps({"epoch": epoch, **report}), file=log_file, flush=True)
+            log(f"epoch {epoch}/{args.epochs} | loss {loss:.4f} | {accuracy_line(report)} | {args.output_dir}")
 
     # 10. teardown
     if distributed:

@@ -97,8 +97,8 @@ def kill(proc, sig=signal.SIGKILL):
     return proc.returncode, out, err
 
 
-def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+def weights(path, key="model"):
+    return torch.load(path, map_location="cpu", weights_only=True)[key]
 
 
 def assert_same_weights(a, b, atol=0.0):

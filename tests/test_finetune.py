@@ -296,8 +296,7 @@ def test_interpolation_at_the_same_resolution_returns_the_embeddings_unchanged()
     bigger = ft.interpolate_pos_embed(pos, 12, 1)
     assert bigger.shape == (1, 1 + 144, 16) and torch.equal(bigger[:, 0], pos[:, 0])     # cls row kept
     wider = ft.interpolate_rel_pos_table(table, 23, extra=3)
-    assert wider.shape == (23 * 23 + 3, 4) and torch.equal(wider[-3:], table[-3:])
-    assert torch.allclose(wider[0], table[0]) and torch.allclose(wider[23 * 23 - 1], table[15 * 15 - 1])  # corners
+    assert wider.shape == (23 * 23 + 3, 4) and torch.equal(wider[-3:], table[-3:])      # SimMIM's resize: elsewhere
 
 
 @pytest.mark.parametrize("name, kwargs", [("mae_vit_tiny", {"img_size": 48}), ("convmae_convvit_tiny", {"img_size": 48}),
