@@ -1,11 +1,11 @@
-"""What the five method files share: data (a folder, or with no --data `BuiltinShapes`, drawn on the fly, so every
-command runs on a fresh machine with no download), patchify/unpatchify, the learning-rate schedule, and reading
-checkpoint files as the official training scripts write them."""
+"""What the five method files share: data (a folder, or with no --data the built-in `BuiltinShapes`: no download),
+patchify/unpatchify, the lr schedule, reading the official scripts' checkpoint files, progress bars where one waits."""
 import argparse
 import math
 import os
 import pickle
 import signal
+import sys
 import warnings
 from collections import OrderedDict
 
@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
+from tqdm import tqdm
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 BICUBIC, BILINEAR = transforms.InterpolationMode.BICUBIC, transforms.InterpolationMode.BILINEAR
 
@@ -37,21 +37,18 @@ class BuiltinShapes(Dataset):
     def __getitem__(self, i):
         label = i % 10
         rng = np.random.default_rng([self.offset + i, 0x5EED])
-        s = self.size
-        y, x = np.mgrid[0:s, 0:s] / (s - 1) * 2 - 1               # [s, s] coordinates in [-1, 1]
+        y, x = np.mgrid[0:self.size, 0:self.size] / (self.size - 1) * 2 - 1   # [s, s] coordinates in [-1, 1]
         bg0, bg1, fg = rng.uniform(0, 1, (3, 3))
         fg = np.where(np.abs(fg - bg0).sum() < 0.6, 1 - fg, fg)   # keep the object visible
         angle = rng.uniform(0, 2 * np.pi)
         ramp = (np.cos(angle) * x + np.sin(angle) * y + 1) / 2
         img = bg0 + (bg1 - bg0) * ramp[..., None]                # [s, s, 3] background gradient
-        cx, cy, r = rng.uniform(-0.4, 0.4), rng.uniform(-0.4, 0.4), rng.uniform(0.3, 0.6)
-        theta = rng.uniform(0, 2 * np.pi)
+        cx, cy, r, theta = (rng.uniform(lo, hi) for lo, hi in ((-0.4, 0.4), (-0.4, 0.4), (0.3, 0.6), (0, 2 * np.pi)))
         u = ((x - cx) * np.cos(theta) + (y - cy) * np.sin(theta)) / r   # rotated, scaled frame
         v = (-(x - cx) * np.sin(theta) + (y - cy) * np.cos(theta)) / r
-        rho, phi = np.hypot(u, v), np.arctan2(v, u)
+        rho, phi, au, av = np.hypot(u, v), np.arctan2(v, u), np.abs(u), np.abs(v)
         period = rng.uniform(0.15, 0.4) * r
         su, sv, sr = (np.sin(t * r / period * np.pi) for t in (u, v, rho))   # waves `period` wide
-        au, av = np.abs(u), np.abs(v)
         shapes = [rho < 1, np.maximum(au, av) < 0.8, (v > -0.5) & (v < 1 - 1.7 * au), (rho < 1) & (rho > 0.6),
                   (np.minimum(au, av) < 0.25) & (np.maximum(au, av) < 1), rho < 0.6 + 0.4 * np.cos(5 * phi),
                   su > 0, (su > 0) ^ (sv > 0), np.hypot(su, sv) < 0.5, sr > 0]         # in `classes` order
@@ -85,7 +82,8 @@ class ImageFiles(Dataset):
         if not os.path.isdir(root):
             raise ValueError(f"--data {root}: no such folder; give a folder of images or of class folders")
         subdirs = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-        found = {d: _image_paths(os.path.join(root, d)) for d in subdirs}   # one walk: ImageNet is 1.3 M files
+        seen = {os.path.realpath(root)}                          # each real folder once: a link to an ancestor ends
+        found = {d: _image_paths(os.path.join(root, d), seen=seen) for d in progress(subdirs, desc=f"scanning {root}")}
         self.classes = [d for d in subdirs if found[d]]
         self.samples = [(p, label) for label, d in enumerate(self.classes) for p in found[d]]
         if not self.samples:                                     # flat layout
@@ -108,9 +106,17 @@ class ImageFiles(Dataset):
         raise ValueError(f"--data: none of the {len(self.samples)} images could be read")
 
 
-def _image_paths(folder, recursive=True):
-    walk = os.walk(folder, followlinks=True) if recursive else [next(os.walk(folder))]   # or the top level only
-    return sorted(os.path.join(d, f) for d, _, files in walk for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+def _image_paths(folder, recursive=True, seen=None):
+    """The images under (or, not recursive, in) `folder`, sorted; symlinks followed, no real folder of `seen` again."""
+    paths, seen = [], set() if seen is None else seen
+    for d, subdirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen or not recursive:
+            subdirs.clear()                                      # nothing below: been here, or the top level only
+        if real not in seen:
+            seen.add(real)
+            paths += [os.path.join(d, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(paths)
 
 
 def load_images(data, split="train", size=224, builtin_length=4096):
@@ -123,17 +129,14 @@ def load_images(data, split="train", size=224, builtin_length=4096):
 
 # --- pre-training input pipeline (MAE §4, main_pretrain.py; SimMIM's crop differs) ---
 def pretrain_transform(size, scale=(0.2, 1.0), interpolation=BICUBIC):
-    return transforms.Compose([
-        transforms.RandomResizedCrop(size, scale=scale, interpolation=interpolation),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return transforms.Compose([transforms.RandomResizedCrop(size, scale=scale, interpolation=interpolation),
+                               transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 class SeededSamples(Dataset):
     """Applies `transform` and draws masking noise [L] from a stream seeded by (seed, epoch, i): a sample is the same
-    whatever the number of processes or workers, so a resumed run sees exactly the batches an uninterrupted one
-    would. With mask_units=0 (fine-tuning) a sample is (image, label) instead of (image, noise)."""
+    whatever the processes or workers, as a resumed run needs. mask_units=0 (fine-tuning): (image, label) samples."""
 
     def __init__(self, images, transform, seed, mask_units):
         self.images, self.transform, self.seed, self.mask_units = images, transform, seed, mask_units
@@ -168,21 +171,35 @@ class EpochSampler(DistributedSampler):
 
 
 def pretrain_loader(images, size, batch_size, mask_units, seed=0, rank=0, world_size=1, num_workers=4, transform=None):
-    """Loader of (imgs [B, 3, size, size], noise [B, mask_units]) batches for this rank, or of (imgs, labels [B]) with
-    mask_units=0 (finetune.py); `len(loader)` full batches an epoch. Call `loader.sampler.set_epoch(epoch)` each
-    epoch; set `loader.sampler.skip_batches` to resume mid-epoch. `transform`: MAE's `pretrain_transform` by default."""
+    """This rank's loader of `len(loader)` full batches (imgs [B, 3, size, size], noise [B, mask_units]), or (imgs,
+    labels [B]) with mask_units=0; `loader.sampler`: set_epoch each epoch, skip_batches to resume mid-epoch."""
     samples = SeededSamples(images, transform or pretrain_transform(size), seed, mask_units)
     sampler = EpochSampler(samples, world_size, rank, seed, batch_size)
     if len(sampler) < batch_size:
         raise ValueError(f"--batch_size {batch_size}: larger than the {len(sampler)} images each of "
                          f"{world_size} process(es) gets; lower it or add images")
     return DataLoader(samples, batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
-                      pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_sigterm,
+                      pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals,
                       generator=torch.Generator().manual_seed(seed))  # its own stream: the caller's is untouched
 
 
-def _ignore_sigterm(worker_id):  # a scheduler's SIGTERM may reach all processes: the trainer saves, workers follow
+def ignore_stop_signals(worker_id):
+    """A data worker's init: SIGTERM and Ctrl-C reach the whole process group; the trainer saves, its workers follow."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# --- progress: bars where a person waits, today's log lines everywhere else ---
+def progress(iterable=None, **kwargs):
+    """tqdm on stderr for rank 0 where stderr is a terminal; in a file, under a scheduler or in CI it draws nothing."""
+    hidden = int(os.environ.get("RANK", 0)) > 0 or not sys.stderr.isatty()
+    return tqdm(iterable, disable=hidden, leave=False, dynamic_ncols=True, **kwargs)
+
+
+def say(*parts):
+    """print, flushed, that keeps a bar whole (tqdm lifts it, prints the line, draws it again)."""
+    tqdm.write(" ".join(str(p) for p in parts))
+    sys.stdout.flush()
 
 
 # --- patches (MAE §3: the target is the pixels of each patch) ---
@@ -227,9 +244,8 @@ class _StandIn(type):
 
 
 def load_checkpoint(path, mmap=False):
-    """torch.load(path, weights_only=True) that also reads what the official scripts save beside the weights: `args`,
-    numpy scalars, and classes that need not exist here, as SimMIM's yacs `config` (read as nested OrderedDicts). No
-    code in the file runs: a pickled call of anything but torch's tensor rebuilders raises UnpicklingError naming it."""
+    """torch.load(path, weights_only=True) that also reads the official scripts' `args`, numpy scalars and classes not
+    here (SimMIM's yacs `config`: nested OrderedDicts). No code runs: any other pickled call raises UnpicklingError."""
     scalar = np.float64(0).__reduce__()[0]                       # numpy's scalar constructor, numpy 1 or 2
     harmless = {"argparse.Namespace": argparse.Namespace, "numpy.dtype": np.dtype,
                 "numpy.core.multiarray.scalar": scalar, "numpy._core.multiarray.scalar": scalar}

@@ -20,7 +20,6 @@ relative. The model needs only torch, torchvision's stochastic_depth and common'
         --master_port=29500 convnextv2_fcmae.py --model convnextv2_fcmae_base --data /imagenet --accum_iter 4
 """
 import argparse
-import itertools
 import json
 import math
 import os
@@ -37,7 +36,7 @@ from torchvision.ops import stochastic_depth
 from torchvision.utils import save_image
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_checkpoint, load_images, patchify, pretrain_loader,
-                    set_lr, unpatchify)
+                    progress, say, set_lr, unpatchify)
 
 # Conventions: N batch, L mask units (32x32 patches), C width, p = 32. mask: 1 = hidden, 0 = visible. Maps are
 # [N, C, H, W] (channels-last inside blocks, as the official); masked, the visible tiles [N*L_keep, C, s, s].
@@ -335,14 +334,15 @@ def check_args(args):
     """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts; returns args."""
     if args.model not in MODELS:
         sys.exit(f"error: --model {args.model} is unknown; choose one of: {', '.join(MODELS)}")
-    ranges = {"at least 1": (lambda v: v >= 1, "epochs batch_size accum_iter save_every log_every builtin_images"),
-              "at least 0": (lambda v: v >= 0, "warmup_epochs num_workers blr lr min_lr weight_decay clip_grad"),
-              "in (0, 1)": (lambda v: 0 < v < 1, "mask_ratio")}
-    for allowed, (ok, flags) in ranges.items():
-        for flag in flags.split():                                      # None: a default computed later
-            value = getattr(args, flag)
-            if value is not None and not (math.isfinite(value) and ok(value)):
-                sys.exit(f"error: --{flag} must be a finite number {allowed}, got {value}")
+    for flag in ("epochs", "batch_size", "accum_iter", "save_every", "log_every", "builtin_images"):
+        if getattr(args, flag) < 1:
+            sys.exit(f"error: --{flag} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("warmup_epochs", "num_workers", "blr", "lr", "min_lr", "weight_decay", "clip_grad"):
+        value = getattr(args, flag)                                     # None: a default computed later
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            sys.exit(f"error: --{flag} must be a finite number at least 0, got {value}")
+    if not 0 < args.mask_ratio < 1:
+        sys.exit(f"error: --mask_ratio must be a finite number in (0, 1), got {args.mask_ratio}")
     if args.amp == "fp16":         # std-1 init: pred reaches ~1e6 at visible units (outside the loss), proj ~1e5
         sys.exit("error: --amp fp16 overflows with FCMAE's official init (decoder outputs far above fp16's 65504); "
                  "use --amp bf16 or none (the official fp32)")
@@ -350,6 +350,8 @@ def check_args(args):
     if args.input_size <= 0 or args.input_size % 32:                    # the mask patch and the total stride
         sys.exit(f"error: --input_size {args.input_size} is not a positive multiple of {args.model}'s mask patch size "
                  f"32; try {max(args.input_size // 32, 1) * 32}")
+    if args.amp in ("bf16", "fp16") and not torch.cuda.is_available() and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: --amp {args.amp} on CPU is fast only with native {args.amp} matmuls; the default is none")
     args.output_dir = args.output_dir or os.path.join("output", args.model)
     return args
 
@@ -367,8 +369,8 @@ def param_groups(model, weight_decay):
 
 
 def setup_distributed():
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain python is rank 0 of 1. Returns rank, world size,
-    device, and a gloo group on which the ranks agree on host-side flags without waiting for the GPU."""
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain python is rank 0 of 1. -> rank, world size, device, a
+    gloo group on which the ranks agree on host-side flags without waiting for the GPU."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if world_size == 1:
@@ -388,12 +390,25 @@ def count_ranks(flag, group=None):
     return int(t.item())
 
 
+class StopSignals:
+    """SIGTERM (a scheduler's notice) or Ctrl-C: the loop ends its step, saves the position, exits 0 (Ctrl-C: 130). A
+    second Ctrl-C aborts at once, unsaved (one within a second of the first is torchrun passing that one on)."""
+
+    def __init__(self):
+        self.received, self.at = None, 0.0
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.request)
+
+    def request(self, signum, frame):
+        if signum == signal.SIGINT == self.received and time.monotonic() - self.at > 1.0:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)                         # the default: end now, no traceback
+        if self.received is None:
+            self.received, self.at = signum, time.monotonic()
+
+
 def save_training_state(paths, model, optimizer, scaler, args, **position):
-    """Rank 0 writes the state to each of `paths` atomically (temp file, fsync, rename). Weights that are not finite
-    (a step diverged after its loss was checked) stop every rank instead: the files keep the last good state."""
-    if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
-        sys.exit(f"error: the weights are not finite (the last step diverged); not saving. "
-                 f"The last good checkpoint is {paths[0]}; resume from it with a lower --blr or --amp none")
+    """Rank 0 writes the state to each of `paths` atomically: a temp file, flushed to disk, then renamed."""
     if dist.is_initialized() and dist.get_rank() > 0:
         return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
@@ -412,9 +427,9 @@ def resume(args, model, optimizer, scaler, world_size, host_group, log):
     seen = count_ranks(bool(path) and os.path.isfile(path), host_group)   # every rank must load the same
     if not seen and args.resume in ("", "auto"):
         return 0, 0
-    if seen < world_size:                                               # e.g. --output_dir on each node's disk
-        sys.exit(f"error: --resume {path} exists for {seen} of {world_size} processes; give a file that every "
-                 f"process can read (on a file system that all nodes share)")
+    if seen < world_size:                                               # none, or --output_dir on each node's disk
+        sys.exit(f"error: --resume {path}: no such file" if not seen else f"error: --resume {path} exists for "
+                 f"{seen} of {world_size} processes; give a file every process can read (on a file system all share)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         found = ckpt["args"]["model"]
@@ -431,8 +446,8 @@ def resume(args, model, optimizer, scaler, world_size, host_group, log):
                  f"({str(e).strip().splitlines()[-1].strip()})")
     if ckpt["scaler"] and scaler.is_enabled():                          # empty unless saved by an fp16 run
         scaler.load_state_dict(ckpt["scaler"])
-    layout = (ckpt["world_size"], ckpt["args"]["batch_size"], ckpt["args"]["accum_iter"])
-    if ckpt["batch_in_epoch"] and layout != (world_size, args.batch_size, args.accum_iter):
+    if ckpt["batch_in_epoch"] and (ckpt["world_size"], ckpt["args"]["batch_size"], ckpt["args"]["accum_iter"]) != \
+            (world_size, args.batch_size, args.accum_iter):
         log(f"warning: {path} was saved mid-epoch by another processes x batch x accum layout; "
             f"restarting epoch {ckpt['epoch']} from its start")         # the position means other batches
         ckpt["batch_in_epoch"] = 0
@@ -459,25 +474,23 @@ def save_reconstruction(model, imgs, noise, mask_ratio, path):
 
 
 def main(args):
-    # 1. setup distributed; only rank 0 prints
+    # 1. setup: distributed (only rank 0 prints), then the output folder and its log, the run's first write
     rank, world_size, device, host_group = setup_distributed()
     distributed, is_main = world_size > 1, rank == 0
-    log = partial(print, flush=True) if is_main else (lambda *a: None)
+    log = say if is_main else (lambda *a: None)                         # common.say: print around progress bars
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
-    if amp != "none" and device.type == "cpu":
-        log(f"warning: --amp {amp} on CPU is fast only on CPUs with native {amp} matmuls; --amp none is the default")
-
-    # 2. seed: per rank, for what is drawn outside the data pipeline (model init: DDP copies rank 0's)
-    torch.manual_seed(args.seed + rank)
-
-    # 3. data: batches of (imgs [B, 3, H, W], noise [B, L]). The data set is indexed by (epoch, i) and draws each
-    # sample's crop, flip and masking noise from a stream seeded by (seed, epoch, i): the same samples whatever
-    # the number of processes, and `sampler.skip_batches` resumes mid-epoch on exactly the batches to come.
-    try:                                                                # the run's first write: fails early
+    try:
         os.makedirs(args.output_dir, exist_ok=True)
         log_file = open(os.path.join(args.output_dir, "log.jsonl") if is_main else os.devnull, "a")
     except OSError as e:
         sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
+    path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
+
+    # 2. seed: per rank, for what is drawn outside the data pipeline (model init: DDP copies rank 0's)
+    torch.manual_seed(args.seed + rank)
+
+    # 3. data: batches of (imgs [B, 3, H, W], noise [B, L]); sample i of an epoch draws its crop, flip and masking noise
+    # from a stream seeded by (seed, epoch, i): the same whatever the processes; resume skips to the batches to come
     L = (args.input_size // 32) ** 2                                    # mask units
     try:
         images = load_images(args.data, "train", args.input_size, args.builtin_images)
@@ -487,10 +500,10 @@ def main(args):
     except ValueError as e:
         sys.exit(f"error: {e}")
     demo_imgs, demo_noise = (torch.stack(t).to(device) for t in zip(*demo))   # 8 images across the data set
-    batches_per_epoch = len(loader) // args.accum_iter * args.accum_iter   # whole optimizer steps only
-    if batches_per_epoch == 0:
+    steps_per_epoch = len(loader) // args.accum_iter                   # whole optimizer steps only
+    if steps_per_epoch == 0:
         sys.exit(f"error: --accum_iter {args.accum_iter} exceeds the {len(loader)} batches per epoch; lower it")
-    steps_per_epoch = batches_per_epoch // args.accum_iter
+    batches_per_epoch = steps_per_epoch * args.accum_iter
 
     # 4. model: build, optionally compile, then wrap in DDP
     model = MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss).to(device)
@@ -510,50 +523,50 @@ def main(args):
     args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
-    autocast = torch.autocast(device.type, torch.bfloat16 if amp == "bf16" else torch.float16, amp != "none")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
+                              enabled=amp != "none")
     log(f"{args.model} | {sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.1f} M params | "
         f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {world_size} | lr {args.lr:.3g} | "
         f"{steps_per_epoch} steps/epoch | amp {amp} | {device}")
 
-    # 7. schedule: warmup + cosine, the lr set at every optimizer step from the fractional epoch (in 9)
+    # 7. schedule: linear warmup, then cosine decay, over the fractional epoch; set at the top of every step
+    lr_at = partial(cosine_lr, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs)
+
     # 8. resume: weights, optimizer, scaler and the position (epoch, batch in epoch)
     epoch, batch_in_epoch = resume(args, model_without_ddp, optimizer, scaler, world_size, host_group, log)
-    path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    stop = []                                                           # SIGTERM: save at the next step, exit 0
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
 
-    # 9. loop: one optimizer step per accum_iter micro-batches
-    stopping, loss_sum, n_summed, t_log = False, torch.zeros((), device=device), 0, time.time()
+    # 9. loop: steps of accum_iter micro-batches; SIGTERM or Ctrl-C ends it after a step, its position saved
+    stop, stopping = StopSignals(), False
     while epoch < args.epochs and not stopping:
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip_batches = batch_in_epoch
-        for imgs, noise in itertools.islice(loader, batches_per_epoch - batch_in_epoch):
-            imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
-            # what the model draws (drop path) comes from a stream keyed by rank and micro-batch: resume is exact
-            torch.manual_seed(args.seed + rank + world_size * (epoch * batches_per_epoch + batch_in_epoch))
-            batch_in_epoch += 1
-            last_micro = batch_in_epoch % args.accum_iter == 0
-            # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs
-            with (model.no_sync() if distributed and not last_micro else nullcontext()), autocast:
-                loss, _, _ = model(imgs, args.mask_ratio, noise)
-            scaler.scale(loss / args.accum_iter).backward()
-            loss_sum += loss.detach().float()                           # on the device: a NaN stays in the sum
-            n_summed += 1
-            if not last_micro:
-                continue
-            lr = cosine_lr(epoch + (batch_in_epoch - args.accum_iter) / batches_per_epoch, args.lr, args.min_lr,
-                           args.warmup_epochs, args.epochs)                   # at the step's first micro-batch
+        batches, first = iter(loader), batch_in_epoch // args.accum_iter + 1
+        steps = progress(range(first, steps_per_epoch + 1), initial=first - 1, total=steps_per_epoch,
+                         desc=f"epoch {epoch}", unit="step")
+        loss_sum, n_summed, t_log = torch.zeros((), device=device), 0, time.time()
+        for step in steps:
+            lr = lr_at(epoch + (step - 1) / steps_per_epoch)
             set_lr(optimizer, lr)
+            for micro in range(args.accum_iter):
+                imgs, noise = (t.to(device, non_blocking=True) for t in next(batches))
+                # what the model draws (drop path, if set) comes from a stream keyed by rank and micro-batch
+                torch.manual_seed(args.seed + rank + world_size * (epoch * batches_per_epoch + batch_in_epoch))
+                batch_in_epoch += 1
+                # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs
+                with (model.no_sync() if distributed and micro < args.accum_iter - 1 else nullcontext()), autocast:
+                    loss, _, _ = model(imgs, args.mask_ratio, noise)
+                scaler.scale(loss / args.accum_iter).backward()
+                loss_sum += loss.detach().float()                       # on the device: a NaN stays in the sum
+                n_summed += 1
             if args.clip_grad:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            step = batch_in_epoch // args.accum_iter
-            # per step, the ranks all-reduce one CPU float (has any had a SIGTERM?) on the gloo group: no GPU sync
-            stopping = count_ranks(bool(stop), host_group) > 0
-            if step % args.log_every == 0 or batch_in_epoch == batches_per_epoch or stopping:
+            # per step, the ranks all-reduce one CPU float (has any been asked to stop?) on gloo: no GPU sync
+            stopping = count_ranks(stop.received is not None, host_group) > 0
+            if step % args.log_every == 0 or step == steps_per_epoch or stopping:
                 if distributed:
                     dist.all_reduce(loss_sum)
                 loss = loss_sum.item() / n_summed / world_size           # the only GPU sync: at log steps
@@ -562,28 +575,36 @@ def main(args):
                              f"good checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
                 ips = n_summed * args.batch_size * world_size / (time.time() - t_log)
                 log(f"epoch {epoch} step {step}/{steps_per_epoch} | loss {loss:.4f} | lr {lr:.2e} | {ips:.0f} img/s")
-                record = {"epoch": epoch, "step": step, "loss": loss, "lr": lr, "img_per_s": round(ips, 1)}
-                print(json.dumps(record), file=log_file, flush=True)
+                print(json.dumps({"epoch": epoch, "step": step, "loss": loss, "lr": lr, "img_per_s": round(ips, 1)}),
+                      file=log_file, flush=True)
+                steps.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
                 loss_sum, n_summed, t_log = torch.zeros((), device=device), 0, time.time()
             if stopping:
                 break
-        if not stopping:
-            epoch, batch_in_epoch = epoch + 1, 0
-        keep = not stopping and (epoch % args.save_every == 0 or epoch == args.epochs)   # a copy every save_every
-        save_training_state([path_last] + [os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")] * keep,
-                            model_without_ddp, optimizer, scaler, args, world_size=world_size, epoch=epoch,
+        epoch_done = batch_in_epoch == batches_per_epoch                # also when the stop came at its last step
+        if epoch_done:
+            epoch, batch_in_epoch = epoch + 1, 0                        # saved as the next epoch's start
+        if not torch.stack([p.isfinite().all() for p in model_without_ddp.parameters()]).all():   # a late divergence
+            sys.exit(f"error: the weights are not finite (the last step diverged); not saving. The last good "
+                     f"checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
+        paths = [path_last]
+        if epoch_done and (epoch % args.save_every == 0 or epoch == args.epochs):
+            paths.append(os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth"))   # a copy every save_every
+        save_training_state(paths, model_without_ddp, optimizer, scaler, args, world_size=world_size, epoch=epoch,
                             batch_in_epoch=batch_in_epoch)
-        if stopping:
-            log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
-        elif is_main:
+        if epoch_done and is_main:
             save_reconstruction(model_without_ddp, demo_imgs, demo_noise, args.mask_ratio,
                                 os.path.join(args.output_dir, f"recon-epoch{epoch:03d}.png"))
             log(f"epoch {epoch}/{args.epochs} done | checkpoint and picture in {args.output_dir}")
+    if stopping:
+        log(f"{'Ctrl-C' if stop.received == signal.SIGINT else 'SIGTERM'}: saved {path_last} at epoch {epoch}, "
+            f"batch {batch_in_epoch}; continue with --resume auto")
 
     # 10. teardown
     if distributed:
         dist.destroy_process_group()
+    return 130 if stop.received == signal.SIGINT else 0
 
 
 if __name__ == "__main__":
-    main(get_args())
+    sys.exit(main(get_args()))

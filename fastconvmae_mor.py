@@ -15,7 +15,6 @@ Copy it with fastconvmae.py and common.py; inside a package, make the `from fast
         --teacher_dino dino_vitbase16_pretrain.pth --teacher_clip ViT-B-16.pt                  # + DINO and CLIP
 """
 import copy
-import itertools
 import json
 import math
 import os
@@ -32,9 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastconvmae
-from common import IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_images, pretrain_loader, set_lr
-from fastconvmae import (Block, MaskedAutoencoderConvViT, count_ranks, masked_mse, param_groups, read_checkpoint,
-                         restore, save_reconstruction, save_training_state, setup_distributed)
+from common import IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_images, pretrain_loader, progress, say, set_lr
+from fastconvmae import (Block, MaskedAutoencoderConvViT, StopSignals, count_ranks, masked_mse, param_groups, restore,
+                         resume_file, save_reconstruction, save_training_state, setup_distributed)
 
 # Conventions as fastconvmae.py's: N batch, L mask units, V = 4 views, rows view by view [V*N, ...];
 # mask: 1 = hidden. A target is 'pixel' or a teacher: 'ema', 'dino', 'clip'.
@@ -393,12 +392,20 @@ def check_mor_args(args):
 
 
 # --- training: fastconvmae.py's loop, with the teachers' targets, the EMA update and a loss per target ---
+def teachers_of(flags):
+    """The teachers a run's flags (a dict) name: 'ema' always, 'dino' and 'clip' when given a file."""
+    return ", ".join(["ema"] + [kind for kind in ("dino", "clip") if flags.get(f"teacher_{kind}")])
+
+
 def resume(args, model, ema, optimizer, scaler, world_size, host_group, log):
     """fastconvmae.py's resume, and the EMA teacher; returns (epoch, batch in epoch), (0, 0) for a fresh start.
     Checkpoints of `fastconvmae.py --mor` (before this file) have the same keys and resume here."""
-    path, ckpt = read_checkpoint(args, world_size, host_group)
+    path, ckpt = resume_file(args, world_size, host_group)
+    if ckpt is not None and teachers_of(ckpt["args"]) != teachers_of(vars(args)):   # each has its branch's weights
+        sys.exit(f"error: --resume {path} was trained with the teachers {teachers_of(ckpt['args'])}, this run has "
+                 f"{teachers_of(vars(args))}; pass the same --teacher_dino / --teacher_clip, or a new --output_dir")
     position = restore(path, ckpt, args, model, optimizer, scaler, world_size, log)
-    if ckpt is not None:                                                # it fit the branches: a MoR checkpoint
+    if ckpt is not None:
         ema.load_state_dict(ckpt["ema"])
         for kind in ("dino", "clip"):
             if ckpt["args"].get(f"teacher_{kind}") != getattr(args, f"teacher_{kind}"):
@@ -431,25 +438,23 @@ def build_model(args, grid, demo_imgs, device, log):
 
 
 def main(args):
-    # 1. setup distributed; only rank 0 prints
+    # 1. setup: distributed (only rank 0 prints), then the output folder and its log, the run's first write
     rank, world_size, device, host_group = setup_distributed()
     distributed, is_main = world_size > 1, rank == 0
-    log = partial(print, flush=True) if is_main else (lambda *a: None)
+    log = say if is_main else (lambda *a: None)                         # common.say: print around progress bars
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
-    if amp != "none" and device.type == "cpu":
-        log(f"warning: --amp {amp} on CPU is fast only on CPUs with native {amp} matmuls; --amp none is the default")
-
-    # 2. seed: per rank, for what is drawn outside the data pipeline (model init: DDP copies rank 0's)
-    torch.manual_seed(args.seed + rank)
-
-    # 3. data: batches of (imgs [B, 3, H, W], noise [B, L]). The data set is indexed by (epoch, i) and draws each
-    # sample's crop, flip and masking noise from a stream seeded by (seed, epoch, i): the same samples whatever
-    # the number of processes, and `sampler.skip_batches` resumes mid-epoch on exactly the batches to come.
-    try:                                                                # the run's first write: fails early
+    try:
         os.makedirs(args.output_dir, exist_ok=True)
         log_file = open(os.path.join(args.output_dir, "log.jsonl") if is_main else os.devnull, "a")
     except OSError as e:
         sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
+    path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
+
+    # 2. seed: per rank, for what is drawn outside the data pipeline (model init: DDP copies rank 0's)
+    torch.manual_seed(args.seed + rank)
+
+    # 3. data: batches of (imgs [B, 3, H, W], noise [B, L]); sample i of an epoch draws its crop, flip and masking noise
+    # from a stream seeded by (seed, epoch, i): the same whatever the processes; resume skips to the batches to come
     L = (args.input_size // math.prod(MODELS[args.model].keywords["patch_size"])) ** 2   # mask units
     try:
         images = load_images(args.data, "train", args.input_size, args.builtin_images)
@@ -459,10 +464,10 @@ def main(args):
     except ValueError as e:
         sys.exit(f"error: {e}")
     demo_imgs, demo_noise = (torch.stack(t).to(device) for t in zip(*demo))   # 8 images across the data set
-    batches_per_epoch = len(loader) // args.accum_iter * args.accum_iter   # whole optimizer steps only
-    if batches_per_epoch == 0:
+    steps_per_epoch = len(loader) // args.accum_iter                   # whole optimizer steps only
+    if steps_per_epoch == 0:
         sys.exit(f"error: --accum_iter {args.accum_iter} exceeds the {len(loader)} batches per epoch; lower it")
-    steps_per_epoch = batches_per_epoch // args.accum_iter
+    batches_per_epoch = steps_per_epoch * args.accum_iter
 
     # 4. model: the teachers, the model with their branches (optionally compiled, then in DDP), the EMA teacher
     model, model_without_ddp, ema, teachers = build_model(args, math.isqrt(L), demo_imgs, device, log)
@@ -476,40 +481,42 @@ def main(args):
     args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
-    autocast = torch.autocast(device.type, torch.bfloat16 if amp == "bf16" else torch.float16, amp != "none")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
+                              enabled=amp != "none")
     log(f"{args.model} | {sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.1f} M params | "
         f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {world_size} | lr {args.lr:.3g} | "
         f"{steps_per_epoch} steps/epoch | amp {amp} | {device}")
 
-    # 7. schedule: warmup + cosine, the lr set at every optimizer step from the fractional epoch (in 9)
+    # 7. schedule: linear warmup, then cosine decay, over the fractional epoch; set at the top of every step
+    lr_at = partial(cosine_lr, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs)
+
     # 8. resume: weights, EMA teacher, optimizer, scaler and the position (epoch, batch in epoch)
     epoch, batch_in_epoch = resume(args, model_without_ddp, ema, optimizer, scaler, world_size, host_group, log)
-    path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    stop = []                                                           # SIGTERM: save at the next step, exit 0
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
 
-    # 9. loop: one optimizer step per accum_iter micro-batches, then the EMA teacher follows the student
-    stopping, loss_sum, n_summed, t_log = False, torch.zeros(len(names), device=device), 0, time.time()
+    # 9. loop: steps of accum_iter micro-batches, each followed by the EMA teacher; SIGTERM or Ctrl-C ends it after a
+    # step, its position saved
+    stop, stopping = StopSignals(), False
     while epoch < args.epochs and not stopping:
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip_batches = batch_in_epoch
-        for imgs, noise in itertools.islice(loader, batches_per_epoch - batch_in_epoch):
-            imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
-            # what the model draws (drop path) comes from a stream keyed by rank and micro-batch: resume is exact
-            torch.manual_seed(args.seed + rank + world_size * (epoch * batches_per_epoch + batch_in_epoch))
-            batch_in_epoch += 1
-            last_micro = batch_in_epoch % args.accum_iter == 0
-            # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs
-            with (model.no_sync() if distributed and not last_micro else nullcontext()), autocast:
-                losses, _, _ = model(imgs, args.mask_ratio, noise, teacher_targets(ema, teachers, imgs))
-            scaler.scale(losses["loss"] / args.accum_iter).backward()
-            loss_sum += torch.stack([losses[k].detach().float() for k in names])   # a NaN stays in the sum
-            n_summed += 1
-            if not last_micro:
-                continue
-            lr = cosine_lr(epoch + (batch_in_epoch - args.accum_iter) / batches_per_epoch, args.lr, args.min_lr,
-                           args.warmup_epochs, args.epochs)                   # at the step's first micro-batch
+        batches, first = iter(loader), batch_in_epoch // args.accum_iter + 1
+        steps = progress(range(first, steps_per_epoch + 1), initial=first - 1, total=steps_per_epoch,
+                         desc=f"epoch {epoch}", unit="step")
+        loss_sum, n_summed, t_log = torch.zeros(len(names), device=device), 0, time.time()
+        for step in steps:
+            lr = lr_at(epoch + (step - 1) / steps_per_epoch)
             set_lr(optimizer, lr)
+            for micro in range(args.accum_iter):
+                imgs, noise = (t.to(device, non_blocking=True) for t in next(batches))
+                # what the model draws (drop path, if set) comes from a stream keyed by rank and micro-batch
+                torch.manual_seed(args.seed + rank + world_size * (epoch * batches_per_epoch + batch_in_epoch))
+                batch_in_epoch += 1
+                # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs
+                with (model.no_sync() if distributed and micro < args.accum_iter - 1 else nullcontext()), autocast:
+                    losses, _, _ = model(imgs, args.mask_ratio, noise, teacher_targets(ema, teachers, imgs))
+                scaler.scale(losses["loss"] / args.accum_iter).backward()
+                loss_sum += torch.stack([losses[k].detach().float() for k in names])   # a NaN stays in the sum
+                n_summed += 1
             if args.clip_grad:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
@@ -518,10 +525,9 @@ def main(args):
             optimizer.zero_grad(set_to_none=True)
             momentum = ema_momentum(epoch + batch_in_epoch / batches_per_epoch, args.ema_momentum, args.epochs)
             update_ema(ema, model_without_ddp, momentum)                # also after a step fp16 skipped, as DINO's
-            step = batch_in_epoch // args.accum_iter
-            # per step, the ranks all-reduce one CPU float (has any had a SIGTERM?) on the gloo group: no GPU sync
-            stopping = count_ranks(bool(stop), host_group) > 0
-            if step % args.log_every == 0 or batch_in_epoch == batches_per_epoch or stopping:
+            # per step, the ranks all-reduce one CPU float (has any been asked to stop?) on gloo: no GPU sync
+            stopping = count_ranks(stop.received is not None, host_group) > 0
+            if step % args.log_every == 0 or step == steps_per_epoch or stopping:
                 if distributed:
                     dist.all_reduce(loss_sum)
                 loss, *each = (loss_sum / n_summed / world_size).tolist()  # the only GPU sync: at log steps
@@ -533,26 +539,34 @@ def main(args):
                     + "".join(f" | {k} {v:.4f}" for k, v in zip(names[1:], each)))   # and each target's
                 record = {"epoch": epoch, "step": step, "loss": loss, "lr": lr, "img_per_s": round(ips, 1)}
                 print(json.dumps(record | {f"loss_{k}": v for k, v in zip(names[1:], each)}), file=log_file, flush=True)
+                steps.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
                 loss_sum, n_summed, t_log = torch.zeros(len(names), device=device), 0, time.time()
             if stopping:
                 break
-        if not stopping:
-            epoch, batch_in_epoch = epoch + 1, 0
-        keep = not stopping and (epoch % args.save_every == 0 or epoch == args.epochs)   # a copy every save_every
-        save_training_state([path_last] + [os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")] * keep,
-                            model_without_ddp, optimizer, scaler, args, world_size=world_size, epoch=epoch,
+        epoch_done = batch_in_epoch == batches_per_epoch                # also when the stop came at its last step
+        if epoch_done:
+            epoch, batch_in_epoch = epoch + 1, 0                        # saved as the next epoch's start
+        if not torch.stack([p.isfinite().all() for p in model_without_ddp.parameters()]).all():   # a late divergence
+            sys.exit(f"error: the weights are not finite (the last step diverged); not saving. The last good "
+                     f"checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
+        paths = [path_last]
+        if epoch_done and (epoch % args.save_every == 0 or epoch == args.epochs):
+            paths.append(os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth"))   # a copy every save_every
+        save_training_state(paths, model_without_ddp, optimizer, scaler, args, world_size=world_size, epoch=epoch,
                             batch_in_epoch=batch_in_epoch, ema=ema.state_dict())
-        if stopping:
-            log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
-        elif is_main:
+        if epoch_done and is_main:
             save_reconstruction(model_without_ddp, demo_imgs, demo_noise, args.mask_ratio,
                                 os.path.join(args.output_dir, f"recon-epoch{epoch:03d}.png"))
             log(f"epoch {epoch}/{args.epochs} done | checkpoint and picture in {args.output_dir}")
+    if stopping:
+        log(f"{'Ctrl-C' if stop.received == signal.SIGINT else 'SIGTERM'}: saved {path_last} at epoch {epoch}, "
+            f"batch {batch_in_epoch}; continue with --resume auto")
 
     # 10. teardown
     if distributed:
         dist.destroy_process_group()
+    return 130 if stop.received == signal.SIGINT else 0
 
 
 if __name__ == "__main__":
-    main(get_args())
+    sys.exit(main(get_args()))

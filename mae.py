@@ -5,9 +5,8 @@ every hidden position and predicts the pixels of each patch; the loss is the MSE
 
 Paper: He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022,
 https://arxiv.org/abs/2111.06377. Official code: https://github.com/facebookresearch/mae.
-This file rebuilds the official pre-training model in plain PyTorch: same state_dict, same numbers (tests/test_mae.py
-checks it against fixtures made by the official code). Copy it with common.py and it runs as here; in a package, make
-the `from common import` line relative. The model needs only torch, torchvision and common's (un)patchify.
+The official pre-training model in plain PyTorch: same state_dict, same numbers (tests/test_mae.py: fixtures made by
+the official code). Copy it with common.py and it runs as here; in a package, make the `from common import` relative.
 
     python mae.py --model mae_vit_tiny --epochs 5 --warmup_epochs 1     # CPU demo, built-in data
     torchrun --nproc_per_node=8 mae.py --data /imagenet --accum_iter 8  # paper recipe: 64 x 8 x 8 = 4096
@@ -15,7 +14,6 @@ the `from common import` line relative. The model needs only torch, torchvision 
         --master_port=29500 mae.py --data /imagenet --accum_iter 4      # 2 nodes, run on each
 """
 import argparse
-import itertools
 import json
 import math
 import os
@@ -34,7 +32,7 @@ from torchvision.ops import stochastic_depth
 from torchvision.utils import save_image
 
 from common import (IMAGENET_MEAN, IMAGENET_STD, cosine_lr, load_checkpoint, load_images, patchify, pretrain_loader,
-                    set_lr, unpatchify)
+                    progress, say, set_lr, unpatchify)
 
 # Conventions: N batch, L patches, D width, p patch size. mask: 1 = hidden, 0 = visible.
 
@@ -48,10 +46,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):                                               # [N, T, D]
-        N, T, D = x.shape
-        q, k, v = self.qkv(x).view(N, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)   # [N, heads, T, D/heads]
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)   # [N, heads, T, D/heads]
         x = F.scaled_dot_product_attention(q, k, v)                     # softmax(q k^T / sqrt(D/heads)) v
-        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+        return self.proj(x.transpose(1, 2).flatten(2))
 
 
 class Block(nn.Module):
@@ -71,31 +68,33 @@ class Block(nn.Module):
         return x + stochastic_depth(self.mlp(self.norm2(x)), self.drop_path, "row", self.training)
 
 
-def sincos_pos_embed(dim, grid_size):
-    """Fixed 2-D sin-cos position embedding [1 + g*g, dim], row 0 (cls) zeros. The first dim/2 channels encode
-    the column, the last dim/2 the row, each as [sin(pos omega), cos(pos omega)], omega_i = 10000^(-4i/dim) (§A.1)."""
+def sincos_pos_embed(dim, grid_size, cls_token=False):
+    """Fixed 2-D sin-cos position embedding [g*g, dim] (MAE §A.1), after a row of zeros for a cls token if asked. The
+    first dim/2 channels encode the column, the last the row: [sin(pos w), cos(pos w)], w_i = 10000^(-4i/dim)."""
     assert dim % 4 == 0, f"sin-cos embedding needs a width divisible by 4, got {dim}"
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
     row, col = torch.meshgrid(*[torch.arange(grid_size, dtype=torch.float64)] * 2, indexing="ij")
     angles = [pos.flatten()[:, None] * omega for pos in (col, row)]    # 2 x [g*g, dim/4]
     emb = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)   # [g*g, dim]
-    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb]).float()
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim, dtype=torch.float64), emb])   # [1 + g*g, dim]
+    return emb.float()
 
 
 # --- masking (MAE §3: random sampling without replacement, uniform over patches) ---
-def random_masking(x, mask_ratio, noise=None):
-    """Keep the L_keep = int(L * (1 - mask_ratio)) tokens with the smallest noise: x [N, L, D] -> kept [N, L_keep, D]
-    (by increasing noise), mask [N, L] (1 = hidden), ids_restore [N, L] (gathering with it puts [kept, hidden]
-    tokens back in image order)."""
-    N, L, D = x.shape
-    len_keep = int(L * (1 - mask_ratio))
-    if noise is None:
-        noise = torch.rand(N, L, device=x.device)
+def random_masking(noise, mask_ratio):
+    """Keep the L_keep = int(L * (1 - mask_ratio)) units with the smallest noise (MAE §3): noise [N, L] -> ids_keep
+    [N, L_keep] (by increasing noise), mask [N, L] (1 = hidden), ids_restore [N, L] (gather [kept, hidden] with it)."""
+    len_keep = int(noise.shape[1] * (1 - mask_ratio))
     ids_shuffle = torch.argsort(noise, dim=1)                           # ascending: small = keep
-    ids_restore = torch.argsort(ids_shuffle, dim=1)                     # rank of each patch
-    kept = torch.gather(x, 1, ids_shuffle[:, :len_keep, None].expand(-1, -1, D))
-    mask = (ids_restore >= len_keep).float()                            # hidden: ranked past L_keep (fp32 under amp)
-    return kept, mask, ids_restore
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = (ids_restore >= len_keep).float()                            # fp32 under amp too
+    return ids_shuffle[:, :len_keep], mask, ids_restore
+
+
+def gather(x, ids):
+    """x [N, L, D], ids [N, K] -> x[n, ids[n]]: [N, K, D]."""
+    return torch.gather(x, 1, ids[..., None].expand(-1, -1, x.shape[-1]))
 
 
 # --- the model: encoder on visible patches, light decoder, pixel loss (MAE §3) ---
@@ -108,26 +107,24 @@ class MaskedAutoencoderViT(nn.Module):
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.img_size, self.patch_size, self.grid = img_size, patch_size, img_size // patch_size
         self.norm_pix_loss = norm_pix_loss
-
         # encoder; the sin-cos pos embeds are fixed (requires_grad=False) but in the state_dict, as in the official
         self.patch_embed = nn.Sequential(OrderedDict(proj=nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, self.grid)[None], requires_grad=False)
+        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, self.grid, cls_token=True)[None], requires_grad=False)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]   # stochastic depth rule
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, dpr[i]) for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-
         # decoder (§3, Table 1a-b: 8 blocks of width 512, <10 % of the encoder's compute per token)
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_embed_dim, self.grid)[None], requires_grad=False)
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_embed_dim, self.grid, cls_token=True)[None],
+                                              requires_grad=False)
         self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio)
                                              for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans)
-
-        # the official init: xavier-uniform linears (JAX ViT), the patch conv too, normal(.02) tokens, LayerNorms (1, 0)
-        nn.init.xavier_uniform_(self.patch_embed.proj.weight.data.view(embed_dim, -1))   # the conv as a linear layer
+        # the official init: xavier-uniform linears (JAX ViT) and patch convolution, normal(.02) tokens, LayerNorms 1, 0
+        nn.init.xavier_uniform_(self.patch_embed.proj.weight.data.flatten(1))   # the patch conv as a linear layer
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         for m in self.modules():
@@ -138,30 +135,30 @@ class MaskedAutoencoderViT(nn.Module):
     def _embed(self, imgs):
         if imgs.shape[-2:] != (self.img_size,) * 2:
             raise ValueError(f"images are {tuple(imgs.shape[-2:])}; this model takes {self.img_size} px (its img_size)")
-        x = self.patch_embed(imgs).flatten(2).transpose(1, 2)          # [N, L, D]
-        return x + self.pos_embed[:, 1:]                                # position before masking
+        return self.patch_embed(imgs).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]   # [N, L, D], before masking
 
     def _encode(self, x):
-        """Embedded tokens [N, T, D] -> with cls, through the blocks: [N, 1 + T, D]."""
+        """Embedded tokens [N, T, D] -> with cls, through the blocks: [N, 1 + T, D] (before `norm`)."""
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x)
+        return x
 
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         """imgs [N, 3, H, W] -> latent [N, 1 + L_keep, D], mask [N, L], ids_restore [N, L]."""
-        x, mask, ids_restore = random_masking(self._embed(imgs), mask_ratio, noise)   # [N, L_keep, D]
-        return self._encode(x), mask, ids_restore
+        if noise is None:
+            noise = torch.rand(imgs.shape[0], self.grid ** 2, device=imgs.device)
+        ids_keep, mask, ids_restore = random_masking(noise, mask_ratio)
+        x = gather(self._embed(imgs), ids_keep)                         # [N, L_keep, D]: no mask tokens (§3)
+        return self.norm(self._encode(x)), mask, ids_restore
 
     def forward_decoder(self, latent, ids_restore):
         """latent [N, 1 + L_keep, D] -> pred [N, L, p*p*3]: pixels of every patch, in image order."""
         x = self.decoder_embed(latent)                                  # [N, 1 + L_keep, Dd]
         N, L = ids_restore.shape
-        mask_tokens = self.mask_token.expand(N, L + 1 - x.shape[1], -1)
-        x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)                  # [N, L, Dd], shuffled order
-        x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[2]))  # image order
-        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed   # [N, 1 + L, Dd]
+        x_ = torch.cat([x[:, 1:], self.mask_token.expand(N, L + 1 - x.shape[1], -1)], dim=1)   # [N, L, Dd] by rank
+        x = torch.cat([x[:, :1], gather(x_, ids_restore)], dim=1) + self.decoder_pos_embed     # image order, cls first
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]           # drop cls: [N, L, p*p*3]
@@ -181,7 +178,8 @@ class MaskedAutoencoderViT(nn.Module):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
     def forward_features(self, imgs):
-        """The encoder on all patches, for fine-tuning: [N, 1 + L, D] after `norm`."""
+        """The encoder on the whole image, no mask: what the official fine-tuning model pools. [N, 3, H, W] ->
+        [N, 1 + L, D], cls first, before `norm` (models_vit.py: mean of the patch tokens; probe: cls after `norm`)."""
         return self._encode(self._embed(imgs))
 
     def pred_to_pixels(self, imgs, pred):
@@ -204,8 +202,8 @@ MODELS = {
 
 
 def load_pretrained(model, checkpoint):
-    """Load an official (or our) MAE pre-training checkpoint, a path or a state_dict. The official
-    mae_pretrain_vit_*.pth hold the encoder only: returns the decoder keys it lacks (they keep their init)."""
+    """Load an official (or our) MAE pre-training checkpoint, a path or a state_dict; returns the keys it lacks (the
+    official mae_pretrain_vit_*.pth: the decoder's, which keep their init)."""
     state = load_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
     state = state.get("model", state)
     unexpected = sorted(set(state) - set(model.state_dict()))
@@ -238,7 +236,6 @@ def get_args(argv=None):
     p.add_argument("--min_lr", type=float, default=0.0)
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--clip_grad", type=float, default=None, help="max grad norm; 0 or none: off (MAE clips none)")
-    # system
     p.add_argument("--output_dir", default=None, help="default: output/<model>")
     p.add_argument("--resume", default="", help="a checkpoint, or 'auto': output_dir/checkpoint-last.pth if present")
     p.add_argument("--seed", type=int, default=0)
@@ -254,28 +251,29 @@ def check_args(args):
     """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts; returns args."""
     if args.model not in MODELS:
         sys.exit(f"error: --model {args.model} is unknown; choose one of: {', '.join(MODELS)}")
-    ranges = {"at least 1": (lambda v: v >= 1, "epochs batch_size accum_iter save_every log_every builtin_images"),
-              "at least 0": (lambda v: v >= 0, "warmup_epochs num_workers blr lr min_lr weight_decay clip_grad"),
-              "in (0, 1)": (lambda v: 0 < v < 1, "mask_ratio")}
-    for allowed, (ok, flags) in ranges.items():
-        for flag in flags.split():                                      # None: a default computed later
-            value = getattr(args, flag)
-            if value is not None and not (math.isfinite(value) and ok(value)):
-                sys.exit(f"error: --{flag} must be a finite number {allowed}, got {value}")
-    defaults = MODELS[args.model].keywords
-    patch = defaults["patch_size"]
-    args.input_size = defaults.get("img_size", 224) if args.input_size is None else args.input_size
+    for flag in ("epochs", "batch_size", "accum_iter", "save_every", "log_every", "builtin_images"):
+        if getattr(args, flag) < 1:
+            sys.exit(f"error: --{flag} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("warmup_epochs", "num_workers", "blr", "lr", "min_lr", "weight_decay", "clip_grad"):
+        value = getattr(args, flag)                                     # None: a default computed later
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            sys.exit(f"error: --{flag} must be a finite number at least 0, got {value}")
+    if not 0 < args.mask_ratio < 1:
+        sys.exit(f"error: --mask_ratio must be a finite number in (0, 1), got {args.mask_ratio}")
+    patch, size = MODELS[args.model].keywords["patch_size"], MODELS[args.model].keywords.get("img_size", 224)
+    args.input_size = size if args.input_size is None else args.input_size
     if args.input_size <= 0 or args.input_size % patch:
         sys.exit(f"error: --input_size {args.input_size} is not a positive multiple of {args.model}'s patch size "
                  f"{patch}; try {max(args.input_size // patch, 1) * patch}")
+    if args.amp in ("bf16", "fp16") and not torch.cuda.is_available() and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: --amp {args.amp} on CPU is fast only with native {args.amp} matmuls; the default is none")
     args.output_dir = args.output_dir or os.path.join("output", args.model)
     return args
 
 
 # --- training (MAE §4 / main_pretrain.py + engine_pretrain.py) ---
 def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases, norms (1-D) and the cls and mask tokens. The official decays the
-    tokens (3-D, while timm's rule skips 1-D only); we keep one rule for the five methods: it is 2 x D values."""
+    """AdamW groups: no weight decay on biases, norms (1-D) and tokens (the official decays its 3-D tokens: 2 x D)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:                                             # fixed pos embeds are not trained
@@ -284,8 +282,8 @@ def param_groups(model, weight_decay):
 
 
 def setup_distributed():
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain python is rank 0 of 1. Returns rank, world size,
-    device, and a gloo group on which the ranks agree on host-side flags without waiting for the GPU."""
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain python is rank 0 of 1. -> rank, world size, device, a
+    gloo group on which the ranks agree on host-side flags without waiting for the GPU."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if world_size == 1:
@@ -305,12 +303,25 @@ def count_ranks(flag, group=None):
     return int(t.item())
 
 
+class StopSignals:
+    """SIGTERM (a scheduler's notice) or Ctrl-C: the loop ends its step, saves the position, exits 0 (Ctrl-C: 130). A
+    second Ctrl-C aborts at once, unsaved (one within a second of the first is torchrun passing that one on)."""
+
+    def __init__(self):
+        self.received, self.at = None, 0.0
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.request)
+
+    def request(self, signum, frame):
+        if signum == signal.SIGINT == self.received and time.monotonic() - self.at > 1.0:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)                         # the default: end now, no traceback
+        if self.received is None:
+            self.received, self.at = signum, time.monotonic()
+
+
 def save_training_state(paths, model, optimizer, scaler, args, **position):
-    """Rank 0 writes the state to each of `paths` atomically (temp file, fsync, rename). Weights that are not finite
-    (a step diverged after its loss was checked) stop every rank instead: the files keep the last good state."""
-    if not torch.stack([p.isfinite().all() for p in model.parameters()]).all():
-        sys.exit(f"error: the weights are not finite (the last step diverged); not saving. "
-                 f"The last good checkpoint is {paths[0]}; resume from it with a lower --blr or --amp none")
+    """Rank 0 writes the state to each of `paths` atomically: a temp file, flushed to disk, then renamed."""
     if dist.is_initialized() and dist.get_rank() > 0:
         return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
@@ -329,9 +340,9 @@ def resume(args, model, optimizer, scaler, world_size, host_group, log):
     seen = count_ranks(bool(path) and os.path.isfile(path), host_group)   # every rank must load the same
     if not seen and args.resume in ("", "auto"):
         return 0, 0
-    if seen < world_size:                                               # e.g. --output_dir on each node's disk
-        sys.exit(f"error: --resume {path} exists for {seen} of {world_size} processes; give a file that every "
-                 f"process can read (on a file system that all nodes share)")
+    if seen < world_size:                                               # none, or --output_dir on each node's disk
+        sys.exit(f"error: --resume {path}: no such file" if not seen else f"error: --resume {path} exists for "
+                 f"{seen} of {world_size} processes; give a file every process can read (on a file system all share)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         found = ckpt["args"]["model"]
@@ -348,8 +359,8 @@ def resume(args, model, optimizer, scaler, world_size, host_group, log):
                  f"({str(e).strip().splitlines()[-1].strip()})")
     if ckpt["scaler"] and scaler.is_enabled():                          # empty unless saved by an fp16 run
         scaler.load_state_dict(ckpt["scaler"])
-    layout = (ckpt["world_size"], ckpt["args"]["batch_size"], ckpt["args"]["accum_iter"])
-    if ckpt["batch_in_epoch"] and layout != (world_size, args.batch_size, args.accum_iter):
+    if ckpt["batch_in_epoch"] and (ckpt["world_size"], ckpt["args"]["batch_size"], ckpt["args"]["accum_iter"]) != \
+            (world_size, args.batch_size, args.accum_iter):
         log(f"warning: {path} was saved mid-epoch by another processes x batch x accum layout; "
             f"restarting epoch {ckpt['epoch']} from its start")         # the position means other batches
         ckpt["batch_in_epoch"] = 0
@@ -374,25 +385,23 @@ def save_reconstruction(model, imgs, noise, mask_ratio, path):
 
 
 def main(args):
-    # 1. setup distributed; only rank 0 prints
+    # 1. setup: distributed (only rank 0 prints), then the output folder and its log, the run's first write
     rank, world_size, device, host_group = setup_distributed()
     distributed, is_main = world_size > 1, rank == 0
-    log = partial(print, flush=True) if is_main else (lambda *a: None)
+    log = say if is_main else (lambda *a: None)                         # common.say: print around progress bars
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
-    if amp != "none" and device.type == "cpu":
-        log(f"warning: --amp {amp} on CPU is fast only on CPUs with native {amp} matmuls; --amp none is the default")
-
-    # 2. seed: per rank, for what is drawn outside the data pipeline (model init: DDP copies rank 0's)
-    torch.manual_seed(args.seed + rank)
-
-    # 3. data: batches of (imgs [B, 3, H, W], noise [B, L]). The data set is indexed by (epoch, i) and draws each
-    # sample's crop, flip and masking noise from a stream seeded by (seed, epoch, i): the same samples whatever
-    # the number of processes, and `sampler.skip_batches` resumes mid-epoch on exactly the batches to come.
-    try:                                                                # the run's first write: fails early
+    try:
         os.makedirs(args.output_dir, exist_ok=True)
         log_file = open(os.path.join(args.output_dir, "log.jsonl") if is_main else os.devnull, "a")
     except OSError as e:
         sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
+    path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
+
+    # 2. seed: per rank, for what is drawn outside the data pipeline (model init: DDP copies rank 0's)
+    torch.manual_seed(args.seed + rank)
+
+    # 3. data: batches of (imgs [B, 3, H, W], noise [B, L]); sample i of an epoch draws its crop, flip and masking noise
+    # from a stream seeded by (seed, epoch, i): the same whatever the processes; resume skips to the batches to come
     L = (args.input_size // MODELS[args.model].keywords["patch_size"]) ** 2
     try:
         images = load_images(args.data, "train", args.input_size, args.builtin_images)
@@ -402,10 +411,10 @@ def main(args):
     except ValueError as e:
         sys.exit(f"error: {e}")
     demo_imgs, demo_noise = (torch.stack(t).to(device) for t in zip(*demo))   # 8 images across the data set
-    batches_per_epoch = len(loader) // args.accum_iter * args.accum_iter   # whole optimizer steps only
-    if batches_per_epoch == 0:
+    steps_per_epoch = len(loader) // args.accum_iter                   # whole optimizer steps only
+    if steps_per_epoch == 0:
         sys.exit(f"error: --accum_iter {args.accum_iter} exceeds the {len(loader)} batches per epoch; lower it")
-    steps_per_epoch = batches_per_epoch // args.accum_iter
+    batches_per_epoch = steps_per_epoch * args.accum_iter
 
     # 4. model: build, optionally compile, then wrap in DDP
     model = MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss).to(device)
@@ -423,48 +432,50 @@ def main(args):
     args.lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
-    autocast = torch.autocast(device.type, torch.bfloat16 if amp == "bf16" else torch.float16, amp != "none")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
+                              enabled=amp != "none")
     log(f"{args.model} | {sum(p.numel() for p in model_without_ddp.parameters()) / 1e6:.1f} M params | "
         f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {world_size} | lr {args.lr:.3g} | "
         f"{steps_per_epoch} steps/epoch | amp {amp} | {device}")
 
-    # 7. schedule: warmup + cosine, the lr set at every optimizer step from the fractional epoch (in 9)
+    # 7. schedule: linear warmup, then cosine decay, over the fractional epoch; set at the top of every step
+    lr_at = partial(cosine_lr, lr=args.lr, min_lr=args.min_lr, warmup_epochs=args.warmup_epochs, epochs=args.epochs)
+
     # 8. resume: weights, optimizer, scaler and the position (epoch, batch in epoch)
     epoch, batch_in_epoch = resume(args, model_without_ddp, optimizer, scaler, world_size, host_group, log)
-    path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    stop = []                                                           # SIGTERM: save at the next step, exit 0
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
 
-    # 9. loop: one optimizer step per accum_iter micro-batches
-    stopping, loss_sum, n_summed, t_log = False, torch.zeros((), device=device), 0, time.time()
+    # 9. loop: steps of accum_iter micro-batches; SIGTERM or Ctrl-C ends it after a step, its position saved
+    stop, stopping = StopSignals(), False
     while epoch < args.epochs and not stopping:
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip_batches = batch_in_epoch
-        for imgs, noise in itertools.islice(loader, batches_per_epoch - batch_in_epoch):
-            imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
-            batch_in_epoch += 1
-            last_micro = batch_in_epoch % args.accum_iter == 0
-            # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs
-            with (model.no_sync() if distributed and not last_micro else nullcontext()), autocast:
-                loss, _, _ = model(imgs, args.mask_ratio, noise)
-            scaler.scale(loss / args.accum_iter).backward()
-            loss_sum += loss.detach().float()                           # on the device: a NaN stays in the sum
-            n_summed += 1
-            if not last_micro:
-                continue
-            lr = cosine_lr(epoch + (batch_in_epoch - args.accum_iter) / batches_per_epoch, args.lr, args.min_lr,
-                           args.warmup_epochs, args.epochs)                   # at the step's first micro-batch
+        batches, first = iter(loader), batch_in_epoch // args.accum_iter + 1
+        steps = progress(range(first, steps_per_epoch + 1), initial=first - 1, total=steps_per_epoch,
+                         desc=f"epoch {epoch}", unit="step")
+        loss_sum, n_summed, t_log = torch.zeros((), device=device), 0, time.time()
+        for step in steps:
+            lr = lr_at(epoch + (step - 1) / steps_per_epoch)
             set_lr(optimizer, lr)
+            for micro in range(args.accum_iter):
+                imgs, noise = (t.to(device, non_blocking=True) for t in next(batches))
+                # what the model draws (drop path, if set) comes from a stream keyed by rank and micro-batch
+                torch.manual_seed(args.seed + rank + world_size * (epoch * batches_per_epoch + batch_in_epoch))
+                batch_in_epoch += 1
+                # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs
+                with (model.no_sync() if distributed and micro < args.accum_iter - 1 else nullcontext()), autocast:
+                    loss, _, _ = model(imgs, args.mask_ratio, noise)
+                scaler.scale(loss / args.accum_iter).backward()
+                loss_sum += loss.detach().float()                       # on the device: a NaN stays in the sum
+                n_summed += 1
             if args.clip_grad:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            step = batch_in_epoch // args.accum_iter
-            # per step, the ranks all-reduce one CPU float (has any had a SIGTERM?) on the gloo group: no GPU sync
-            stopping = count_ranks(bool(stop), host_group) > 0
-            if step % args.log_every == 0 or batch_in_epoch == batches_per_epoch or stopping:
+            # per step, the ranks all-reduce one CPU float (has any been asked to stop?) on gloo: no GPU sync
+            stopping = count_ranks(stop.received is not None, host_group) > 0
+            if step % args.log_every == 0 or step == steps_per_epoch or stopping:
                 if distributed:
                     dist.all_reduce(loss_sum)
                 loss = loss_sum.item() / n_summed / world_size           # the only GPU sync: at log steps
@@ -473,28 +484,36 @@ def main(args):
                              f"good checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
                 ips = n_summed * args.batch_size * world_size / (time.time() - t_log)
                 log(f"epoch {epoch} step {step}/{steps_per_epoch} | loss {loss:.4f} | lr {lr:.2e} | {ips:.0f} img/s")
-                record = {"epoch": epoch, "step": step, "loss": loss, "lr": lr, "img_per_s": round(ips, 1)}
-                print(json.dumps(record), file=log_file, flush=True)
+                print(json.dumps({"epoch": epoch, "step": step, "loss": loss, "lr": lr, "img_per_s": round(ips, 1)}),
+                      file=log_file, flush=True)
+                steps.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
                 loss_sum, n_summed, t_log = torch.zeros((), device=device), 0, time.time()
             if stopping:
                 break
-        if not stopping:
-            epoch, batch_in_epoch = epoch + 1, 0
-        keep = not stopping and (epoch % args.save_every == 0 or epoch == args.epochs)   # a copy every save_every
-        save_training_state([path_last] + [os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")] * keep,
-                            model_without_ddp, optimizer, scaler, args, world_size=world_size, epoch=epoch,
+        epoch_done = batch_in_epoch == batches_per_epoch                # also when the stop came at its last step
+        if epoch_done:
+            epoch, batch_in_epoch = epoch + 1, 0                        # saved as the next epoch's start
+        if not torch.stack([p.isfinite().all() for p in model_without_ddp.parameters()]).all():   # a late divergence
+            sys.exit(f"error: the weights are not finite (the last step diverged); not saving. The last good "
+                     f"checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
+        paths = [path_last]
+        if epoch_done and (epoch % args.save_every == 0 or epoch == args.epochs):
+            paths.append(os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth"))   # a copy every save_every
+        save_training_state(paths, model_without_ddp, optimizer, scaler, args, world_size=world_size, epoch=epoch,
                             batch_in_epoch=batch_in_epoch)
-        if stopping:
-            log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
-        elif is_main:
+        if epoch_done and is_main:
             save_reconstruction(model_without_ddp, demo_imgs, demo_noise, args.mask_ratio,
                                 os.path.join(args.output_dir, f"recon-epoch{epoch:03d}.png"))
             log(f"epoch {epoch}/{args.epochs} done | checkpoint and picture in {args.output_dir}")
+    if stopping:
+        log(f"{'Ctrl-C' if stop.received == signal.SIGINT else 'SIGTERM'}: saved {path_last} at epoch {epoch}, "
+            f"batch {batch_in_epoch}; continue with --resume auto")
 
     # 10. teardown
     if distributed:
         dist.destroy_process_group()
+    return 130 if stop.received == signal.SIGINT else 0
 
 
 if __name__ == "__main__":
-    main(get_args())
+    sys.exit(main(get_args()))

@@ -6,7 +6,7 @@ import torch
 
 from common import patchify, unpatchify
 from helpers import assert_init_is_official, assert_matches_golden, train_on_one_batch, vit_block_keys
-from mae import MODELS, MaskedAutoencoderViT, load_pretrained, random_masking
+from mae import MODELS, MaskedAutoencoderViT, gather, load_pretrained, random_masking
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "mae_tiny.pt")
 
@@ -83,7 +83,8 @@ def test_masking_keeps_exactly_the_official_count(ratio):
     N, L, D = 3, 49, 5
     x = torch.randn(N, L, D)
     noise = torch.rand(N, L)
-    kept, mask, ids_restore = random_masking(x, ratio, noise)
+    ids_keep, mask, ids_restore = random_masking(noise, ratio)
+    kept = gather(x, ids_keep)
     len_keep = int(L * (1 - ratio))
     assert kept.shape == (N, len_keep, D)
     assert (mask == 0).sum(1).tolist() == [len_keep] * N

@@ -263,7 +263,7 @@ def official_lr(t, schedule, base, warmup_lr, min_lr, warmup_t, total_t, milesto
 @pytest.mark.parametrize("schedule", ["cosine", "multistep"])
 def test_lr_schedules_follow_the_official_schedulers_step_by_step(schedule):
     from argparse import Namespace
-    from simmim import lr_at
+    from simmim import pretrain_lr as lr_at
     steps, epochs, warmup = 7, 100, 10                                  # steps per epoch
     args = Namespace(schedule=schedule, lr=2e-4, warmup_lr=1e-6, min_lr=1e-5, warmup_epochs=warmup, epochs=epochs,
                      milestones=[70])
