@@ -315,7 +315,6 @@ def get_args(argv=None):
     p.add_argument("--min_lr", type=float, default=0.0)
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--clip_grad", type=float, default=None, help="max grad norm; 0 or none: off (ConvMAE clips none)")
-    # system
     p.add_argument("--output_dir", default=None, help="default: output/<model>")
     p.add_argument("--resume", default="", help="a checkpoint, or 'auto': output_dir/checkpoint-last.pth if present")
     p.add_argument("--seed", type=int, default=0)
@@ -340,9 +339,8 @@ def check_args(args):
             sys.exit(f"error: --{flag} must be a finite number at least 0, got {value}")
     if not 0 < args.mask_ratio < 1:
         sys.exit(f"error: --mask_ratio must be a finite number in (0, 1), got {args.mask_ratio}")
-    defaults = MODELS[args.model].keywords
-    patch = math.prod(defaults["patch_size"])                           # total stride: pixels per unit side
-    args.input_size = defaults.get("img_size", 224) if args.input_size is None else args.input_size
+    patch, size = math.prod(MODELS[args.model].keywords["patch_size"]), MODELS[args.model].keywords.get("img_size", 224)
+    args.input_size = size if args.input_size is None else args.input_size   # patch: the total stride
     if args.input_size <= 0 or args.input_size % patch:
         sys.exit(f"error: --input_size {args.input_size} is not a positive multiple of {args.model}'s patch size "
                  f"{patch}; try {max(args.input_size // patch, 1) * patch}")
@@ -354,9 +352,7 @@ def check_args(args):
 
 # --- training (main_pretrain.py + engine_pretrain.py) ---
 def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases and norms (1-D) nor on the mask token. The official decays
-    the token too (timm 0.3.2's rule skips 1-D tensors only, and it is 3-D); we keep one rule for all five
-    methods, and it concerns one vector of decoder_embed_dim values."""
+    """AdamW groups: no weight decay on biases, norms (1-D) and tokens (the official decays its 3-D tokens: 2 x D)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:                                             # fixed pos embeds are not trained
@@ -559,8 +555,7 @@ def main(args):
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            # per step, the ranks all-reduce one CPU float (has any been asked to stop?) on gloo: no GPU sync
-            stopping = count_ranks(stop.received is not None, host_group) > 0
+            stopping = count_ranks(stop.received is not None, host_group) > 0   # any rank? a CPU float: no GPU sync
             if step % args.log_every == 0 or step == steps_per_epoch or stopping:
                 if distributed:
                     dist.all_reduce(loss_sum)

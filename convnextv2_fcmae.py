@@ -141,11 +141,13 @@ class ConvNeXtV2(nn.Module):
 
 # --- masking (ConvNeXt V2 §3: random 32x32 patches, 60 %) ---
 def random_masking(noise, mask_ratio):
-    """Keep the L_keep = int(L * (1 - mask_ratio)) units with the smallest noise (fcmae.py's rule).
-    noise [N, L] -> mask [N, L] (1 = hidden), ids_keep [N, L_keep]: the kept units, in row-major order."""
+    """Keep the L_keep = int(L * (1 - mask_ratio)) units with the smallest noise (MAE §3): noise [N, L] -> ids_keep
+    [N, L_keep] (by increasing noise), mask [N, L] (1 = hidden), ids_restore [N, L] (gather [kept, hidden] with it)."""
     len_keep = int(noise.shape[1] * (1 - mask_ratio))
-    mask = (torch.argsort(torch.argsort(noise, dim=1), dim=1) >= len_keep).float()
-    return mask, torch.argsort(mask, dim=1, stable=True)[:, :len_keep]
+    ids_shuffle = torch.argsort(noise, dim=1)                           # ascending: small = keep
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = (ids_restore >= len_keep).float()                            # fp32 under amp too
+    return ids_shuffle[:, :len_keep], mask, ids_restore
 
 
 # --- the model: sparse-equivalent encoder, one-block decoder with mask tokens, MAE loss ---
@@ -163,15 +165,11 @@ class FCMAE(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, decoder_embed_dim, 1, 1))
         self.decoder = nn.Sequential(*[Block(decoder_embed_dim) for _ in range(decoder_depth)])
         self.pred = nn.Conv2d(decoder_embed_dim, patch_size ** 2 * in_chans, 1)
-        self.initialize_weights()
-
-    def initialize_weights(self):
-        """The weights the official FCMAE ends with. Its sparse encoder first initialises every kernel and
-        linear with a truncated normal of std .02; then FCMAE's own init runs over all modules and calls timm's
-        trunc_normal_ without a std for depthwise kernels, linears and dense convolutions: those end with std 1
-        (cut at +-2); the downsampling convolutions keep .02. The nn.Linear layers of the dense decoder block
-        keep PyTorch's init, biases too; all other biases 0; LayerNorm 1/0 and GRN 0 (as built); mask token
-        normal .02."""
+        # the weights the official FCMAE ends with: its sparse encoder initialises every kernel and linear with a
+        # truncated normal of std .02, then FCMAE's own init calls timm's trunc_normal_ without a std on depthwise
+        # kernels, linears and dense convolutions: std 1 (cut at +-2); the downsampling convolutions keep .02; the
+        # dense decoder block's nn.Linear layers keep PyTorch's init, biases too; other biases 0; LayerNorm 1, 0 and
+        # GRN 0 as built; the mask token normal .02
         for name, m in self.named_modules():
             if isinstance(m, nn.Conv2d):
                 downsample = name.startswith("encoder.downsample_layers.") and not name.endswith("0.0")
@@ -192,8 +190,8 @@ class FCMAE(nn.Module):
         # (the argsort of i.i.d. noise picks every set of L_keep units with the same chance)
         if noise is None:
             noise = torch.randn(imgs.shape[0], self.grid ** 2, device=imgs.device)
-        mask, ids_keep = random_masking(noise, mask_ratio)
-        return self.encoder(imgs, ids_keep), mask
+        ids_keep, mask, _ = random_masking(noise, mask_ratio)
+        return self.encoder(imgs, ids_keep.sort(dim=1).values), mask   # the tiles in row-major order, as sparse sites
 
     def forward_decoder(self, latent, mask):
         """latent [N, C3, g, g] -> pred [N, L, p*p*3]: mask tokens at hidden units, one dense block."""
@@ -219,7 +217,8 @@ class FCMAE(nn.Module):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
     def forward_features(self, imgs):
-        """The dense encoder on the whole image (the fine-tuning model's features): [N, C3, H/32, W/32]."""
+        """The encoder on the whole image, no mask: what the official fine-tuning model pools. [N, 3, H, W] ->
+        [N, C3, H/32, W/32], the dense encoder (convnextv2.py: global average pool -> its own `norm`)."""
         return self.encoder(imgs)
 
     def pred_to_pixels(self, imgs, pred):
@@ -317,7 +316,6 @@ def get_args(argv=None):
     p.add_argument("--min_lr", type=float, default=0.0)
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--clip_grad", type=float, default=None, help="max grad norm; 0 or none: off (FCMAE clips none)")
-    # system
     p.add_argument("--output_dir", default=None, help="default: output/<model>")
     p.add_argument("--resume", default="", help="a checkpoint, or 'auto': output_dir/checkpoint-last.pth if present")
     p.add_argument("--seed", type=int, default=0)
@@ -564,8 +562,7 @@ def main(args):
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            # per step, the ranks all-reduce one CPU float (has any been asked to stop?) on gloo: no GPU sync
-            stopping = count_ranks(stop.received is not None, host_group) > 0
+            stopping = count_ranks(stop.received is not None, host_group) > 0   # any rank? a CPU float: no GPU sync
             if step % args.log_every == 0 or step == steps_per_epoch or stopping:
                 if distributed:
                     dist.all_reduce(loss_sum)

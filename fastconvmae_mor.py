@@ -525,8 +525,7 @@ def main(args):
             optimizer.zero_grad(set_to_none=True)
             momentum = ema_momentum(epoch + batch_in_epoch / batches_per_epoch, args.ema_momentum, args.epochs)
             update_ema(ema, model_without_ddp, momentum)                # also after a step fp16 skipped, as DINO's
-            # per step, the ranks all-reduce one CPU float (has any been asked to stop?) on gloo: no GPU sync
-            stopping = count_ranks(stop.received is not None, host_group) > 0
+            stopping = count_ranks(stop.received is not None, host_group) > 0   # any rank? a CPU float: no GPU sync
             if step % args.log_every == 0 or step == steps_per_epoch or stopping:
                 if distributed:
                     dist.all_reduce(loss_sum)

@@ -6,14 +6,7 @@
     python finetune.py --model mae_vit_tiny --finetune output/mae_vit_tiny/checkpoint-last.pth   # built-in data
 
 --model is a pre-training model's name (its prefix names the method file). The classifier keeps that file's encoder
-modules and names and adds the head of the official fine-tuning model, whose checkpoints load with strict=True:
-
-    method       official fine-tuning model                    features for the head
-    mae          models_vit.py VisionTransformer               mean of patch tokens -> fc_norm (probe: cls after norm)
-    convmae      models_convvit.py ConvViT (fastconvmae too)   mean of stage-3 tokens -> fc_norm
-    simmim       vision_transformer.py / swin_transformer.py   ViT: mean -> fc_norm; Swin: norm -> mean
-    convnextv2   convnextv2.py ConvNeXtV2                      global average pool -> norm
-
+(modules, names and code) and adds the head of the official fine-tuning model, whose checkpoints load strictly.
 The defaults are each method's published fine-tuning recipe (RECIPES): layer-wise lr decay by the method's own
 layer-id rule, drop path, AdamW, warmup + cosine, MixUp/CutMix, label smoothing, RandAugment, random erasing.
 --linprobe is MAE's linear-probing protocol: frozen encoder, BatchNorm without affine, linear head, LARS.
@@ -38,7 +31,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from PIL import Image, ImageEnhance, ImageOps
 from torchvision import transforms
 from torchvision.transforms import v2
 
@@ -47,9 +39,10 @@ import convnextv2_fcmae
 import fastconvmae
 import mae
 import simmim
-from common import BICUBIC, IMAGENET_MEAN, IMAGENET_STD, ImageFiles, cosine_lr, load_checkpoint, load_images, \
-    pretrain_loader, set_lr
-from mae import count_ranks, save_training_state, setup_distributed   # the loop's helpers, as in the method files
+from augment import ProbeCrop, RandAugment
+from common import (BICUBIC, IMAGENET_MEAN, IMAGENET_STD, ImageFiles, cosine_lr, ignore_stop_signals, load_checkpoint,
+                    load_images, pretrain_loader, progress, say, set_lr)
+from mae import StopSignals, count_ranks, save_training_state, setup_distributed   # the loop's helpers
 
 METHODS = {"mae": mae, "convmae": convmae, "fastconvmae": fastconvmae, "simmim": simmim, "convnextv2": convnextv2_fcmae}
 MODELS = {name: method for method, module in METHODS.items() for name in module.MODELS}   # model name -> method
@@ -85,9 +78,9 @@ LINPROBE = dict(epochs=90, warmup_epochs=10, batch_size=512, blr=0.1, min_lr=0.0
 
 # --- classifiers: the official fine-tuning models, made of a pre-training model's encoder ---
 class Classifier(nn.Module):
-    """head(forward_features(imgs)), layer-wise lr decay, checkpoint adaptation, the scratch init, the probe head.
-    Subclasses hold a pre-training model's encoder modules (same objects, same names), define forward_features
-    (imgs -> [N, D]) and num_layers (the top layer id), and override what their official code does differently."""
+    """head(features(imgs)), layer decay, checkpoint adaptation, the scratch init, the probe head. Subclasses hold a
+    pre-training model's encoder modules (the same objects, the official names) and `encode`, its forward_features;
+    they define features (imgs -> [N, D]) and num_layers (the top layer id), and what their official code changes."""
     new_keys = ("head.", "fc_norm.")            # what a pre-training checkpoint cannot hold
     linear_probe = False
     scratch_init = (nn.Linear,)                 # what init_for_scratch re-inits (timm's ViT: not the patch conv)
@@ -95,7 +88,7 @@ class Classifier(nn.Module):
 
     def forward(self, imgs):
         with torch.no_grad() if self.linear_probe else nullcontext():   # a frozen encoder keeps no graph
-            features = self.forward_features(imgs)                      # [N, D]
+            features = self.features(imgs)                              # [N, D]
         return self.head(features.float())                              # the probe's BatchNorm: fp32 under amp
 
     def layer_id(self, name):
@@ -178,10 +171,9 @@ def interpolate_pos_embed(pos, grid, extra):
 
 
 def interpolate_rel_pos_table(table, side, extra=0):
-    """A relative position bias table [s*s + extra, heads] resized to [side*side + extra, heads] as SimMIM's utils.py
-    does (remap_pretrained_keys_*): the s old offsets spread on a geometric grid that reaches about side // 2, then
-    scipy's interp2d(kind='cubic') at the integer offsets; the `extra` (cls) rows kept. interp2d on gridded data is
-    the tensor-product not-a-knot cubic spline, evaluated at points clamped to the grid: here in fp64 torch."""
+    """A relative position bias table [s*s + extra, heads] -> [side*side + extra, heads] as SimMIM's utils.py: the old
+    offsets on a geometric grid reaching about side // 2, scipy's interp2d(kind='cubic') at the integer ones, `extra`
+    (cls) rows kept. interp2d on a grid is the tensor-product not-a-knot cubic spline, clamped to it: here in fp64."""
     s = math.isqrt(table.shape[0] - extra)
     if s == side or s * s != table.shape[0] - extra:
         return table
@@ -203,9 +195,8 @@ def interpolate_rel_pos_table(table, side, extra=0):
 
 
 def cubic_spline_matrix(x, u):
-    """[len(u), len(x)]: the not-a-knot cubic spline through the points (x, y), at u clamped to [x_0, x_n-1], as a
-    matrix acting on y. Its second derivatives M solve the n - 2 continuity equations plus a continuous third
-    derivative at x_1 and x_n-2 (not-a-knot); between x_k and x_k+1 it is the cubic of M_k, M_k+1, y_k, y_k+1."""
+    """[len(u), len(x)]: the not-a-knot cubic spline through (x, y) at u clamped to [x_0, x_n-1], a matrix acting on y.
+    Its second derivatives M: n - 2 continuity equations and a continuous third derivative at x_1 and x_n-2."""
     n, h = len(x), x[1:] - x[:-1]
     A, B, eye = torch.zeros(n, n, dtype=x.dtype), torch.zeros(n, n, dtype=x.dtype), torch.eye(n, dtype=x.dtype)
     for i in range(1, n - 1):                                           # A M = B y
@@ -229,8 +220,8 @@ class ViT(Classifier):
         super().__init__()
         D = pre.cls_token.shape[-1]
         self.cls_token, self.patch_embed, self.blocks = pre.cls_token, pre.patch_embed, pre.blocks
-        self.pos_embed = nn.Parameter(pre.pos_embed.detach().clone())   # fixed in pre-training, trained here
-        self.global_pool = global_pool
+        self.pos_embed = pre.pos_embed.requires_grad_(True)            # fixed in pre-training, trained here
+        self.encode, self.global_pool = pre.forward_features, global_pool   # mae.py's: [N, 1 + L, D], before `norm`
         if global_pool:
             self.fc_norm = nn.LayerNorm(D, eps=1e-6)
         else:
@@ -239,12 +230,8 @@ class ViT(Classifier):
         self.head = linear_head(D, num_classes, std=2e-5)               # main_finetune.py
         self.num_layers = len(self.blocks) + 1
 
-    def forward_features(self, imgs):                                   # [N, 3, H, W] -> [N, D]
-        x = self.patch_embed(imgs).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]   # [N, L, D]
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
+    def features(self, imgs):                                           # [N, 3, H, W] -> [N, D]
+        x = self.encode(imgs)                                           # [N, 1 + L, D]
         return self.fc_norm(x[:, 1:].mean(dim=1)) if self.global_pool else self.norm(x)[:, 0]
 
 
@@ -258,21 +245,14 @@ class ConvViT(Classifier):
         D = pre.pos_embed.shape[-1]
         for name in ("patch_embed1", "patch_embed2", "patch_embed3", "patch_embed4", "blocks1", "blocks2", "blocks3"):
             setattr(self, name, getattr(pre, name))
-        self.pos_embed = nn.Parameter(pre.pos_embed.detach().clone())   # [1, L, D], no cls row
+        self.pos_embed = pre.pos_embed.requires_grad_(True)            # [1, L, D], no cls row; trained here
+        self.encode = pre.forward_features                              # convmae.py's: [N, L, D], no fusion, no `norm`
         self.fc_norm = nn.LayerNorm(D, eps=1e-6)
         self.head = linear_head(D, num_classes, std=2e-5)               # main_finetune.py
         self.num_layers = len(self.blocks3) + 1
 
-    def forward_features(self, imgs):
-        x = imgs.permute(0, 2, 3, 1)                                    # channels-last maps, as the method file
-        for embed, blocks in ((self.patch_embed1, self.blocks1), (self.patch_embed2, self.blocks2)):
-            x = embed(x)
-            for blk in blocks:
-                x = blk(x)
-        x = self.patch_embed4(self.patch_embed3(x).flatten(1, 2)) + self.pos_embed   # [N, L, D]
-        for blk in self.blocks3:
-            x = blk(x)
-        return self.fc_norm(x.mean(dim=1))
+    def features(self, imgs):
+        return self.fc_norm(self.encode(imgs).mean(dim=1))
 
 
 class SimMIMViT(Classifier):
@@ -293,7 +273,7 @@ class SimMIMViT(Classifier):
         self.head = linear_head(enc.num_features, num_classes, std=0.02, scale=0.001)   # init_scale
         self.num_layers = len(self.blocks) + 1
 
-    def forward_features(self, imgs):
+    def features(self, imgs):                   # simmim.py's shares one table: a copy with one table per block
         x = self.patch_embed(imgs)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         for blk in self.blocks:
@@ -326,15 +306,13 @@ class Swin(Classifier):
         super().__init__()
         enc = pre.encoder
         self.patch_embed, self.layers, self.norm = enc.patch_embed, enc.layers, enc.norm
+        self.encode = pre.forward_features                              # simmim.py's: [N, T, C] after `norm`
         self.depths = [len(layer.blocks) for layer in self.layers]
         self.head = linear_head(enc.num_features, num_classes, std=0.02)
         self.num_layers = sum(self.depths) + 1
 
-    def forward_features(self, imgs):
-        x = self.patch_embed(imgs)
-        for layer in self.layers:
-            x = layer(x)
-        return self.norm(x).mean(dim=1)
+    def features(self, imgs):
+        return self.encode(imgs).mean(dim=1)
 
     def layer_id(self, name):                                           # SimMIM optimizer.py get_swin_layer
         if name == "mask_token" or name.startswith("patch_embed"):
@@ -371,6 +349,7 @@ class ConvNeXtV2(Classifier):
         super().__init__()
         enc = pre.encoder
         self.downsample_layers, self.stages = enc.downsample_layers, enc.stages
+        self.encode = pre.forward_features                              # convnextv2_fcmae.py's: [N, C, H/32, W/32]
         self.depths = [len(stage) for stage in self.stages]
         D = self.downsample_layers[-1][1].out_channels
         self.norm = nn.LayerNorm(D, eps=1e-6)
@@ -378,11 +357,8 @@ class ConvNeXtV2(Classifier):
         self.layer_decay_type = layer_decay_type
         self.num_layers = 13 if layer_decay_type == "group" else sum(self.depths) + 1
 
-    def forward_features(self, imgs):
-        x = imgs
-        for down, stage in zip(self.downsample_layers, self.stages):
-            x = stage(down(x))
-        return self.norm(x.mean(dim=(-2, -1)))
+    def features(self, imgs):
+        return self.norm(self.encode(imgs).mean(dim=(-2, -1)))
 
     def layer_id(self, name):
         """optim_factory.py: 'single', one id per block (downsampling: the next stage's first); 'group', 12 groups."""
@@ -426,13 +402,12 @@ def describe(state):
     state = {k.removeprefix("encoder."): v for k, v in state.items()}
     count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})   # blocks
     width = lambda key, axis=0: state[key].shape[axis] if key in state else "?"
-    depths = lambda prefix, blocks="": [count(f"{prefix}{i}.{blocks}") for i in range(count(prefix))]   # per stage
     if count("blocks3."):
         return f"a ConvMAE/FastConvMAE ConvViT ({count('blocks3.')} ViT blocks, width {width('patch_embed4.weight')})"
     if count("layers."):
-        return f"a Swin (width {width('patch_embed.proj.weight')}, depths {depths('layers.', 'blocks.')})"
+        return f"a Swin (width {width('patch_embed.proj.weight')}, {count('layers.')} stages)"
     if count("stages."):
-        return f"a ConvNeXt V2 (stem width {width('downsample_layers.0.0.weight')}, depths {depths('stages.')})"
+        return f"a ConvNeXt V2 (stem width {width('downsample_layers.0.0.weight')}, {count('stages.')} stages)"
     if any(k.endswith("attn.q_bias") for k in state):
         return f"a SimMIM ViT ({count('blocks.')} blocks, width {width('patch_embed.proj.weight')})"
     if count("blocks."):
@@ -472,73 +447,6 @@ def load_weights(model, checkpoint, flag, strict=False):
     return missing, unused
 
 
-# --- RandAugment: timm 0.3.2's rand-m9-mstd0.5-inc1, the augmentation of every official fine-tuning script ---
-FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)                     # (124, 116, 104): timm's img_mean
-
-
-def _affine(img, matrix):
-    return img.transform(img.size, Image.AFFINE, matrix, resample=Image.BICUBIC, fillcolor=FILL)
-
-
-def _lut(img, table):                                                   # the same 256-entry table for every band
-    return img.point(table * len(img.getbands()))
-
-
-# name: (operation(img, argument), the argument at magnitude m of 10 (None: no argument), whether its sign is drawn);
-# timm's "increasing" variants: every operation changes the image more as m grows
-RAND_OPS = {
-    "AutoContrast": (lambda img, _: ImageOps.autocontrast(img), None, False),
-    "Equalize": (lambda img, _: ImageOps.equalize(img), None, False),
-    "Invert": (lambda img, _: ImageOps.invert(img), None, False),
-    "Rotate": (lambda img, deg: img.rotate(deg, resample=Image.BICUBIC, fillcolor=FILL), lambda m: m / 10 * 30.0, True),
-    "PosterizeIncreasing": (lambda img, bits: _lut(img, [i & ~(2 ** (8 - bits) - 1) for i in range(256)]),
-                            lambda m: 4 - int(m / 10 * 4), False),     # keep 4..0 bits; 0: black, as Pillow < 10 did
-    "SolarizeIncreasing": (lambda img, thresh: ImageOps.solarize(img, thresh), lambda m: 256 - int(m / 10 * 256), False),
-    "SolarizeAdd": (lambda img, add: _lut(img, [min(255, i + add) if i < 128 else i for i in range(256)]),
-                    lambda m: int(m / 10 * 110), False),
-    "ColorIncreasing": (lambda img, v: ImageEnhance.Color(img).enhance(1.0 + v), lambda m: m / 10 * 0.9, True),
-    "ContrastIncreasing": (lambda img, v: ImageEnhance.Contrast(img).enhance(1.0 + v), lambda m: m / 10 * 0.9, True),
-    "BrightnessIncreasing": (lambda img, v: ImageEnhance.Brightness(img).enhance(1.0 + v), lambda m: m / 10 * 0.9,
-                             True),
-    "SharpnessIncreasing": (lambda img, v: ImageEnhance.Sharpness(img).enhance(1.0 + v), lambda m: m / 10 * 0.9, True),
-    "ShearX": (lambda img, v: _affine(img, (1, v, 0, 0, 1, 0)), lambda m: m / 10 * 0.3, True),
-    "ShearY": (lambda img, v: _affine(img, (1, 0, 0, v, 1, 0)), lambda m: m / 10 * 0.3, True),
-    "TranslateXRel": (lambda img, v: _affine(img, (1, 0, v * img.size[0], 0, 1, 0)), lambda m: m / 10 * 0.45, True),
-    "TranslateYRel": (lambda img, v: _affine(img, (1, 0, 0, 0, 1, v * img.size[1])), lambda m: m / 10 * 0.45, True),
-}
-
-
-def rand_op(img, name, magnitude, negated=False):
-    """RAND_OPS[name] on a PIL image at `magnitude` (0..10), its argument negated if the operation has a sign."""
-    op, level, signed = RAND_OPS[name]
-    arg = level(magnitude) if level else None
-    return op(img, -arg if signed and negated else arg)
-
-
-class RandAugment:
-    """timm 0.3.2's RandAugment as `rand-m9-mstd0.5-inc1` sets it up: 2 of the 15 RAND_OPS drawn with replacement,
-    each applied with probability 0.5, at a magnitude drawn per call from N(9, 0.5) clipped to [0, 10], its argument
-    negated half the time. The draws come from torch's default generator, which common.SeededSamples seeds per
-    sample: a resumed run augments every image as the uninterrupted run did."""
-
-    def __init__(self, magnitude=9, std=0.5, num_ops=2, prob=0.5):
-        self.magnitude, self.std, self.num_ops, self.prob = magnitude, std, num_ops, prob
-
-    def draw(self):
-        """[(name, magnitude, negated)] of the operations to apply, in order (those skipped left out)."""
-        names, ops = list(RAND_OPS), []
-        for k in torch.randint(len(names), (self.num_ops,)).tolist():
-            if torch.rand(()).item() < self.prob:
-                m = self.magnitude + self.std * torch.randn((), dtype=torch.float64).item()
-                ops.append((names[k], min(10.0, max(0.0, m)), torch.rand(()).item() < 0.5))
-        return ops
-
-    def __call__(self, img):
-        for name, magnitude, negated in self.draw():
-            img = rand_op(img, name, magnitude, negated)
-        return img
-
-
 # --- data: train and eval transforms, MixUp / CutMix, the evaluation loader ---
 def train_transform(size, reprob, randaug=9):
     """timm's create_transform as the fine-tuning scripts call it, in torchvision v2 (timm is no dependency): random
@@ -550,23 +458,6 @@ def train_transform(size, reprob, randaug=9):
         RandAugment(randaug) if randaug > 0 else v2.Identity(),
         transforms.ToTensor(), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),   # x / 255 as timm's (v2 multiplies by 1/255)
         v2.RandomErasing(p=reprob, value="random") if reprob > 0 else v2.Identity()])
-
-
-class ProbeCrop(transforms.RandomResizedCrop):
-    """MAE's util/crop.py RandomResizedCrop, the linear probe's: one draw of the area (a fraction in `scale` of the
-    image's) and of the log aspect ratio, width and height then clamped to the image's. (torchvision's tries ten
-    draws that fit, then takes the centre: smaller crops on images far from square.)"""
-
-    @staticmethod
-    def get_params(img, scale, ratio):
-        W, H = img.size
-        area = H * W * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        log_ratio = torch.log(torch.tensor(ratio))
-        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
-        w, h = min(int(round(math.sqrt(area * aspect))), W), min(int(round(math.sqrt(area / aspect))), H)
-        i = torch.randint(0, H - h + 1, size=(1,)).item()
-        j = torch.randint(0, W - w + 1, size=(1,)).item()
-        return i, j, h, w
 
 
 def probe_transform(size):
@@ -582,12 +473,8 @@ def eval_transform(size, method="mae"):
     if method == "convnextv2" and size >= 384:
         resize = [v2.Resize((size, size), interpolation=BICUBIC)]
     else:
-        if method == "simmim":
-            short = int(256 / 224 * size)
-        elif method != "convnextv2" and size > 224:                      # MAE's crop_pct 1.0
-            short = size
-        else:
-            short = int(size / (224 / 256))                             # crop_pct 0.875
+        crop_pct = 1.0 if method != "convnextv2" and size > 224 else 224 / 256
+        short = int(256 / 224 * size) if method == "simmim" else int(size / crop_pct)
         resize = [v2.Resize(short, interpolation=BICUBIC), v2.CenterCrop(size)]
     return v2.Compose([*resize, transforms.ToTensor(), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
@@ -625,7 +512,7 @@ def evaluate(model, loader, device, autocast, distributed, classify=None):
     training = model.training
     model.eval()
     counts = torch.zeros(3, device=device, dtype=torch.float64)        # top-1 hits, top-5 hits, images
-    for imgs, labels in loader:
+    for imgs, labels in progress(loader, desc="evaluating", unit="batch"):
         with autocast:
             scores = (classify or model)(imgs.to(device, non_blocking=True))
         hits = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels.to(device)[:, None]   # [N, 5]
@@ -642,8 +529,10 @@ def knn(model, train_images, val_loader, num_classes, device, rank, world_size, 
     cosine-similar to a validation image vote for their labels with weight exp(similarity / T). Top-1, top-5 (%)."""
     model.eval()
     share = Transformed(train_images, val_loader.dataset.transform, range(rank, len(train_images), world_size))
-    batches = DataLoader(share, val_loader.batch_size, num_workers=val_loader.num_workers)
-    bank, labels = (torch.cat(t) for t in zip(*[(model.forward_features(x.to(device)).cpu(), y) for x, y in batches]))
+    batches = DataLoader(share, val_loader.batch_size, num_workers=val_loader.num_workers,
+                         worker_init_fn=ignore_stop_signals)
+    bank = [(model.features(x.to(device)).cpu(), y) for x, y in progress(batches, desc="k-NN features", unit="batch")]
+    bank, labels = (torch.cat(t) for t in zip(*bank))
     if world_size > 1:                                                  # all ranks' shares, of any sizes
         shares = [None] * world_size
         dist.all_gather_object(shares, (bank, labels))
@@ -651,7 +540,7 @@ def knn(model, train_images, val_loader, num_classes, device, rank, world_size, 
     bank, labels = F.normalize(bank.to(device), dim=1), labels.to(device)   # [train images, D], [train images]
 
     def vote(imgs):                                                     # -> class scores [N, classes]
-        sim, nearest = (F.normalize(model.forward_features(imgs), dim=1) @ bank.T).topk(min(k, len(bank)), dim=1)
+        sim, nearest = (F.normalize(model.features(imgs), dim=1) @ bank.T).topk(min(k, len(bank)), dim=1)
         return torch.zeros(len(imgs), num_classes, device=device).scatter_add_(1, labels[nearest], (sim / T).exp())
     acc1, acc5 = evaluate(model, val_loader, device, nullcontext(), world_size > 1, classify=vote)
     print(json.dumps({"knn_acc1": acc1, "knn_acc5": acc5}), file=log_file, flush=True)
@@ -659,24 +548,18 @@ def knn(model, train_images, val_loader, num_classes, device, rank, world_size, 
 
 
 def evaluate_epoch(model, ema, loader, device, autocast, distributed, best):
-    """Top-1/top-5 of the model and of its EMA (if kept); updates `best` (the official scripts keep the best top-1,
-    and its checkpoint, of each). Returns (the best checkpoints to write: "best", "best-ema"), the log record."""
-    report, improved = {}, []
-    for prefix, name, net in (("", "best", model), ("ema_", "best-ema", ema.module if ema else None)):
+    """Top-1/top-5 of the model and of its EMA (if kept), and the best top-1 of each so far (kept in `best`, as the
+    official scripts keep it and its checkpoint) -> (the best checkpoints to write, the log record, the log line)."""
+    record, improved, line = {}, [], []
+    for who, name, net in (("", "best", model), ("ema_", "best-ema", ema.module if ema else None)):
         if net is not None:
             acc1, acc5 = evaluate(net, loader, device, autocast, distributed)
-            if acc1 > best.get(prefix + "acc1", 0.0):                  # as the official: strictly above, from 0
+            if acc1 > best.get(who + "acc1", 0.0):                      # as the official: strictly above, from 0
                 improved.append(name)
-            best[prefix + "acc1"] = max(acc1, best.get(prefix + "acc1", 0.0))
-            report |= {prefix + "acc1": acc1, prefix + "acc5": acc5, f"best_{prefix}acc1": best[prefix + "acc1"]}
-    return improved, report
-
-
-def accuracy_line(report, who=""):
-    """'top-1 71.20 % (best 71.90) | top-5 90.10 %', and the EMA's after it."""
-    line = (f"{who}top-1 {report['acc1']:.2f} % (best {report['best_acc1']:.2f}) | top-5 {report['acc5']:.2f} %")
-    ema = {k.replace("ema_", ""): v for k, v in report.items() if "ema_" in k}
-    return line + (" | " + accuracy_line(ema, "EMA ") if ema else "")
+            best[who + "acc1"] = max(acc1, best.get(who + "acc1", 0.0))
+            record |= {who + "acc1": acc1, who + "acc5": acc5, f"best_{who}acc1": best[who + "acc1"]}
+            line.append(f"{'EMA ' * bool(who)}top-1 {acc1:.2f} % (best {best[who + 'acc1']:.2f}) | top-5 {acc5:.2f} %")
+    return improved, record, " | ".join(line)
 
 
 # --- EMA of the weights (timm's ModelEma, as ConvNeXt V2's fine-tuning keeps one) ---
@@ -687,15 +570,14 @@ class ModelEma:
 
     def __init__(self, model, decay):
         self.module, self.decay = copy.deepcopy(model).eval().requires_grad_(False), decay
-        pairs = [(e, m) for e, m in zip(self.module.state_dict().values(), model.state_dict().values())]
-        self.averaged = [[e for e, m in pairs if e.is_floating_point()], [m for e, m in pairs if e.is_floating_point()]]
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
+        self.averaged = list(zip(*[(e, m) for e, m in pairs if e.is_floating_point()]))   # ([ema ...], [model ...])
         self.copied = [(e, m) for e, m in pairs if not e.is_floating_point()]
 
     @torch.no_grad()
     def update(self):
-        ema, live = self.averaged
-        torch._foreach_mul_(ema, self.decay)
-        torch._foreach_add_(ema, live, alpha=1 - self.decay)
+        torch._foreach_mul_(self.averaged[0], self.decay)
+        torch._foreach_add_(self.averaged[0], self.averaged[1], alpha=1 - self.decay)
         for e, m in self.copied:
             e.copy_(m)
 
@@ -711,19 +593,17 @@ def simmim_lr(t, peak, floor, warmup, total):
 
 
 def set_step_lr(optimizer, args, t, batches_per_epoch):
-    """Set each group's lr for the optimizer step that starts at micro-batch t of the run; returns the lr at layer
-    scale 1 (the head's). MAE: common.cosine_lr at the fractional epoch, x each group's scale. SimMIM: its timm
-    scheduler steps after each optimizer step, at that step's last micro-batch, so a step runs at t - 1's lr."""
-    if args.schedule == "simmim":
-        def at(peak):
-            return simmim_lr(max(t - 1, 0), peak, args.min_lr, args.warmup_epochs * batches_per_epoch,
-                             args.epochs * batches_per_epoch)
-        for g in optimizer.param_groups:
-            g["lr"] = at(args.lr * g.get("lr_scale", 1.0))
-        return at(args.lr)
-    lr = cosine_lr(t / batches_per_epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
-    set_lr(optimizer, lr)
-    return lr
+    """Each group's lr for the step from micro-batch t of the run on; -> the lr at layer scale 1 (the head's). MAE:
+    common.cosine_lr x each group's scale. SimMIM: timm's scheduler, stepped after each step at its last micro-batch."""
+    if args.schedule != "simmim":
+        lr = cosine_lr(t / batches_per_epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
+        set_lr(optimizer, lr)
+        return lr
+    at = partial(simmim_lr, max(t - 1, 0), floor=args.min_lr, warmup=args.warmup_epochs * batches_per_epoch,
+                 total=args.epochs * batches_per_epoch)
+    for g in optimizer.param_groups:
+        g["lr"] = at(peak=args.lr * g.get("lr_scale", 1.0))
+    return at(peak=args.lr)
 
 
 # --- LARS (MAE util/lars.py, for the linear probe) ---
@@ -773,7 +653,7 @@ def get_args(argv=None):
     p.add_argument("--blr", type=float, default=None, help=f"lr = blr x effective batch B / 256; --linprobe below "
                    f"MAE's B=16384 keeps its lr, blr x 16384 / 256 (LARS steps are lr x 0.001 of |w|); {recipe}")
     p.add_argument("--lr", type=float, default=None, help="absolute lr; overrides --blr")
-    p.add_argument("--min_lr", type=float, default=None, help=f"{recipe}; SimMIM's: 2.5e-7 x B / 512, also its warmup start")
+    p.add_argument("--min_lr", type=float, default=None, help=f"{recipe}; SimMIM's: 2.5e-7 x B / 512, warmup's start")
     p.add_argument("--weight_decay", type=float, default=None, help=recipe)
     p.add_argument("--layer_decay", type=float, default=None, help=f"layer-wise lr decay; {recipe}")
     p.add_argument("--drop_path", type=float, default=None, help=recipe)
@@ -784,11 +664,9 @@ def get_args(argv=None):
     p.add_argument("--cutmix", type=float, default=None, help=f"CutMix alpha, 0 = off; {recipe}")
     p.add_argument("--smoothing", type=float, default=None, help=f"label smoothing; {recipe}")
     p.add_argument("--reprob", type=float, default=None, help=f"random erasing probability; {recipe}")
-    p.add_argument("--randaug", type=int, default=9, help="RandAugment's mean magnitude (of 10; 0 = off): timm's "
-                   "rand-m9-mstd0.5-inc1")
-    p.add_argument("--model_ema", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep an EMA of the weights, evaluated each epoch; with --eval: evaluate the checkpoint's EMA; "
-                   "default: the recipe's (ConvNeXt V2: on)")
+    p.add_argument("--randaug", type=int, default=9, help="mean magnitude (of 10; 0: off) of rand-m9-mstd0.5-inc1")
+    p.add_argument("--model_ema", action=argparse.BooleanOptionalAction, default=None, help="keep an EMA of the "
+                   "weights, evaluated each epoch (--eval: evaluate the checkpoint's EMA); default: the recipe's")
     p.add_argument("--model_ema_decay", type=float, default=0.9999, help="EMA decay per optimizer step")
     p.add_argument("--output_dir", default=None, help="default: output/<model>-finetune (or -linprobe)")
     p.add_argument("--resume", default="", help="checkpoint, or 'auto': output_dir/checkpoint-last.pth if present")
@@ -811,18 +689,20 @@ def check_args(args):
     if args.eval:                                                       # evaluates the weights --resume names
         recipe["model_ema"] = False
     vars(args).update({flag: value for flag, value in recipe.items() if getattr(args, flag, None) is None})
-    for allowed, ok, flags in (("at least 1", lambda v: v >= 1, ("epochs", "batch_size", "accum_iter", "save_every",
-                                                                 "log_every", "builtin_images")),
-                               ("at least 0", lambda v: v >= 0, ("warmup_epochs", "num_workers", "blr", "lr", "min_lr",
-                                                                 "weight_decay", "clip_grad", "mixup", "cutmix")),
-                               ("in [0, 1)", lambda v: 0 <= v < 1, ("drop_path", "smoothing", "reprob",
-                                                                    "model_ema_decay")),
-                               ("in (0, 1]", lambda v: 0 < v <= 1, ("layer_decay",)),
-                               ("in 0..10", lambda v: 0 <= v <= 10, ("randaug",))):
-        for flag in flags:                                              # None: a default computed later
-            value = getattr(args, flag)
-            if value is not None and not (math.isfinite(value) and ok(value)):
-                sys.exit(f"error: --{flag} must be a finite number {allowed}, got {value}")
+    for flag in ("epochs", "batch_size", "accum_iter", "save_every", "log_every", "builtin_images"):
+        if getattr(args, flag) < 1:
+            sys.exit(f"error: --{flag} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("warmup_epochs", "num_workers", "blr", "lr", "min_lr", "weight_decay", "clip_grad", "mixup", "cutmix"):
+        value = getattr(args, flag)                                     # None: a default computed later
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            sys.exit(f"error: --{flag} must be a finite number at least 0, got {value}")
+    for flag in ("drop_path", "smoothing", "reprob", "model_ema_decay"):
+        if not 0 <= getattr(args, flag) < 1:
+            sys.exit(f"error: --{flag} must be a finite number in [0, 1), got {getattr(args, flag)}")
+    if not 0 < args.layer_decay <= 1:
+        sys.exit(f"error: --layer_decay must be a finite number in (0, 1], got {args.layer_decay}")
+    if not 0 <= args.randaug <= 10:
+        sys.exit(f"error: --randaug must be in 0..10, got {args.randaug}")
     if args.eval and not os.path.isfile(args.resume):
         sys.exit(f"error: --eval needs --resume CKPT, a fine-tuned checkpoint (official or ours); got '{args.resume}'")
     if args.data and os.path.isdir(args.data) and not os.path.isdir(os.path.join(args.data, "val")):
@@ -838,6 +718,8 @@ def check_args(args):
     if args.input_size <= 0 or args.input_size % unit:
         sys.exit(f"error: --input_size {args.input_size} is not a positive multiple of {unit} for {args.model}; "
                  f"try {max(args.input_size // unit, 1) * unit}")
+    if args.amp in ("bf16", "fp16") and not torch.cuda.is_available() and int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: --amp {args.amp} on CPU is fast only with native {args.amp} matmuls; the default is none")
     args.output_dir = args.output_dir or f"output/{args.model}-{'linprobe' if args.linprobe else 'finetune'}"
     return args
 
@@ -854,8 +736,8 @@ def read_checkpoint(path, flag, mmap=False):
 
 
 def data(args, rank, world_size):
-    """The class names, the training loader (None with --eval), MixUp/CutMix (applied on the device, in the loop)
-    and a loader of this rank's share of the validation images (disjoint, none padded: each counted once)."""
+    """The training images, their loader (None with --eval), MixUp/CutMix (applied on the device, in the loop) and a
+    loader of this rank's share of the validation images (disjoint, none padded: each counted once)."""
     try:
         train_images = load_images(args.data, "train", args.input_size, args.builtin_images)
         val_images = load_images(args.data, "val", args.input_size, max(args.builtin_images // 4, 10))
@@ -875,8 +757,8 @@ def data(args, rank, world_size):
     val_transform = eval_transform(args.input_size, "mae" if args.linprobe else MODELS[args.model])
     val_share = Transformed(val_images, val_transform, range(rank, len(val_images), world_size))
     val_loader = DataLoader(val_share, args.batch_size, num_workers=args.num_workers,
-                            pin_memory=torch.cuda.is_available())
-    return classes, loader, mix_and_smooth(args.mixup, args.cutmix, args.smoothing, len(classes)), val_loader
+                            pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals)
+    return train_images, loader, mix_and_smooth(args.mixup, args.cutmix, args.smoothing, len(classes)), val_loader
 
 
 def build_model(args, num_classes, device, log):
@@ -932,48 +814,53 @@ def resume(args, model, optimizer, scaler, ema, world_size, host_group, log):
     return epoch, batch_in_epoch, ckpt.get("best", {})
 
 
+def evaluate_only(args, model, train_images, val_loader, device, autocast, rank, world_size, log_file, log):
+    """--eval (top-1/top-5 of --resume's weights) or --knn (of the frozen features): one line, then the end."""
+    if args.knn:
+        acc1, acc5 = knn(model, train_images, val_loader, len(train_images.classes), device, rank, world_size, log_file)
+    else:
+        acc1, acc5 = evaluate(model, val_loader, device, autocast, world_size > 1)
+    log(f"{'k-NN, ' * args.knn}{args.resume or args.finetune or 'random weights'}: top-1 {acc1:.2f} % | "
+        f"top-5 {acc5:.2f} % on {len(val_loader.dataset.images)} images")
+    if world_size > 1:
+        dist.destroy_process_group()
+    return 0
+
+
 def main(args):
-    # 1. setup distributed; only rank 0 prints
+    # 1. setup: distributed (only rank 0 prints), then the output folder and its log (--eval writes nothing)
     rank, world_size, device, host_group = setup_distributed()
     distributed, is_main = world_size > 1, rank == 0
-    log = partial(print, flush=True) if is_main else (lambda *a: None)
+    log = say if is_main else (lambda *a: None)                         # common.say: print around progress bars
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
-    if amp != "none" and device.type == "cpu":
-        log(f"warning: --amp {amp} on CPU is fast only on CPUs with native {amp} matmuls; --amp none is the default")
-
-    # 2. seed: per rank, for what is drawn outside the data pipeline and the loop (the head's init: DDP copies rank 0's)
-    torch.manual_seed(args.seed + rank)
-
-    # 3. data: training batches of (imgs [B, 3, H, W], labels [B]). The data set is indexed by (epoch, i) and draws
-    # each sample's crop, flip, RandAugment and erasing from a stream seeded by (seed, epoch, i): the same samples
-    # whatever the number of processes, and `sampler.skip_batches` resumes mid-epoch on exactly the batches to come.
-    try:                                                                # the run's first write: fails early
-        if not args.eval:                                               # --eval writes nothing
+    try:
+        if not args.eval:
             os.makedirs(args.output_dir, exist_ok=True)
         log_file = open(os.path.join(args.output_dir, "log.jsonl") if is_main and not args.eval else os.devnull, "a")
     except OSError as e:
         sys.exit(f"error: --output_dir {args.output_dir} is not writable ({e.strerror})")
-    classes, loader, mix, val_loader = data(args, rank, world_size)
+    path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
 
-    # 4. model: the classifier and its weights; optionally compile; --eval and --knn evaluate here and end; DDP
-    model = build_model(args, len(classes), device, log)
+    # 2. seed: per rank, for what is drawn outside the data pipeline and the loop (the head's init: DDP copies rank 0's)
+    torch.manual_seed(args.seed + rank)
+
+    # 3. data: training batches of (imgs [B, 3, H, W], labels [B]); sample i of an epoch draws its crop, flip,
+    # RandAugment and erasing from a stream seeded by (seed, epoch, i): the same whatever the processes
+    train_images, loader, mix, val_loader = data(args, rank, world_size)
+
+    # 4. model: the classifier and its weights, optionally compiled; --eval and --knn evaluate here and end; DDP
+    model = build_model(args, len(train_images.classes), device, log)
     model_without_ddp = model
     if args.compile:
         model = torch.compile(model)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-                if amp != "none" else nullcontext())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
+                              enabled=amp != "none")
     if args.eval or args.knn:
-        acc1, acc5 = (knn(model, loader.dataset.images, val_loader, len(classes), device, rank, world_size, log_file)
-                      if args.knn else evaluate(model, val_loader, device, autocast, distributed))
-        log(f"{'k-NN, ' * args.knn}{args.resume or args.finetune or 'random weights'}: top-1 {acc1:.2f} % | "
-            f"top-5 {acc5:.2f} % on {len(val_loader.dataset.images)} images")
-        if distributed:
-            dist.destroy_process_group()
-        return
+        return evaluate_only(args, model, train_images, val_loader, device, autocast, rank, world_size, log_file, log)
     if distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    batches_per_epoch = len(loader) // args.accum_iter * args.accum_iter   # whole optimizer steps only
-    steps_per_epoch = batches_per_epoch // args.accum_iter
+    steps_per_epoch = len(loader) // args.accum_iter                   # whole optimizer steps only
+    batches_per_epoch = steps_per_epoch * args.accum_iter
 
     # 5. param groups: layer-wise lr decay and no weight decay on 1-D params and tokens, by the method's own rules
     groups = model_without_ddp.param_groups(args.weight_decay, args.layer_decay)   # --linprobe: the head only
@@ -984,43 +871,43 @@ def main(args):
     args.min_lr = args.min_lr if args.min_lr is not None else 2.5e-7 * eff_batch / 512   # SimMIM's rule
     optimizer = LARS(groups) if args.linprobe else torch.optim.AdamW(groups, lr=args.lr, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
-    log(f"{args.model} {'linear probe' if args.linprobe else 'fine-tune'} | {len(classes)} classes | "
+    log(f"{args.model} {'linear probe' if args.linprobe else 'fine-tune'} | {len(train_images.classes)} classes | "
         f"{sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad) / 1e6:.2f} M trained params | "
         f"eff. batch {eff_batch} = {args.batch_size} x {args.accum_iter} x {world_size} | lr {args.lr:.3g} | "
         f"{steps_per_epoch} steps/epoch | amp {amp} | {device}")
 
-    # 7. schedule: the method's warmup + cosine, the lr set before every optimizer step (in 9)
+    # 7. schedule: the method's warmup + cosine, from the step's first micro-batch; set at the top of every step
+    lr_at = partial(set_step_lr, optimizer, args, batches_per_epoch=batches_per_epoch)
+
     # 8. resume: weights, optimizer, scaler, EMA, the position (epoch, batch in epoch) and the best top-1 so far
     ema = ModelEma(model_without_ddp, args.model_ema_decay) if args.model_ema else None
     epoch, batch_in_epoch, best = resume(args, model_without_ddp, optimizer, scaler, ema, world_size, host_group, log)
-    path_last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    stop = []                                                           # SIGTERM: save at the next step, exit 0
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
 
-    # 9. loop: one optimizer step per accum_iter micro-batches; an evaluation after each epoch
-    stopping = False
+    # 9. loop: steps of accum_iter micro-batches, an evaluation after each epoch; SIGTERM or Ctrl-C ends it after a
+    # step, its position saved
+    stop, stopping = StopSignals(), False
     while epoch < args.epochs and not stopping:
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip_batches = batch_in_epoch
+        batches, first = iter(loader), batch_in_epoch // args.accum_iter + 1
+        steps = progress(range(first, steps_per_epoch + 1), initial=first - 1, total=steps_per_epoch,
+                         desc=f"epoch {epoch}", unit="step")
         loss_sum, n_summed, t_log = torch.zeros((), device=device), 0, time.time()
-        for imgs, labels in itertools.islice(loader, batches_per_epoch - batch_in_epoch):
-            if batch_in_epoch % args.accum_iter == 0:
-                lr = set_step_lr(optimizer, args, epoch * batches_per_epoch + batch_in_epoch, batches_per_epoch)
-            imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            # MixUp/CutMix and drop path draw from a stream keyed by rank and micro-batch: resume is exact
-            torch.manual_seed(args.seed + rank + world_size * (epoch * batches_per_epoch + batch_in_epoch))
-            batch_in_epoch += 1
-            last_micro = batch_in_epoch % args.accum_iter == 0
-            if mix is not None:
-                imgs, labels = mix(imgs, labels)                        # labels -> soft targets [B, K], smoothed
-            # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs
-            with (model.no_sync() if distributed and not last_micro else nullcontext()), autocast:
-                loss = F.cross_entropy(model(imgs).float(), labels, label_smoothing=0.0 if mix else args.smoothing)
-            scaler.scale(loss / args.accum_iter).backward()
-            loss_sum += loss.detach()                                   # on the device: a NaN stays in the sum
-            n_summed += 1
-            if not last_micro:
-                continue
+        for step in steps:
+            lr = lr_at(epoch * batches_per_epoch + batch_in_epoch)
+            for micro in range(args.accum_iter):
+                imgs, labels = (t.to(device, non_blocking=True) for t in next(batches))
+                # MixUp/CutMix and drop path draw from a stream keyed by rank and micro-batch: resume is exact
+                torch.manual_seed(args.seed + rank + world_size * (epoch * batches_per_epoch + batch_in_epoch))
+                batch_in_epoch += 1
+                if mix is not None:
+                    imgs, labels = mix(imgs, labels)                    # labels -> soft targets [B, K], smoothed
+                # DDP all-reduces gradients on every backward unless told not to: only the last micro-step syncs
+                with (model.no_sync() if distributed and micro < args.accum_iter - 1 else nullcontext()), autocast:
+                    loss = F.cross_entropy(model(imgs).float(), labels, label_smoothing=0.0 if mix else args.smoothing)
+                scaler.scale(loss / args.accum_iter).backward()
+                loss_sum += loss.detach()                               # on the device: a NaN stays in the sum
+                n_summed += 1
             if args.clip_grad:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
@@ -1029,9 +916,8 @@ def main(args):
             optimizer.zero_grad(set_to_none=True)
             if ema:
                 ema.update()
-            step = batch_in_epoch // args.accum_iter
-            stopping = count_ranks(bool(stop), host_group) > 0          # any SIGTERM? a CPU float on gloo: no GPU sync
-            if step % args.log_every == 0 or batch_in_epoch == batches_per_epoch or stopping:
+            stopping = count_ranks(stop.received is not None, host_group) > 0   # any rank? a CPU float: no GPU sync
+            if step % args.log_every == 0 or step == steps_per_epoch or stopping:
                 if distributed:
                     dist.all_reduce(loss_sum)
                 loss = loss_sum.item() / n_summed / world_size           # the only GPU sync: at log steps
@@ -1040,31 +926,38 @@ def main(args):
                              f"good checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
                 ips = n_summed * args.batch_size * world_size / (time.time() - t_log)
                 log(f"epoch {epoch} step {step}/{steps_per_epoch} | loss {loss:.4f} | lr {lr:.2e} | {ips:.0f} img/s")
-                record = {"epoch": epoch, "step": step, "loss": loss, "lr": lr, "img_per_s": round(ips, 1)}
-                print(json.dumps(record), file=log_file, flush=True)
+                print(json.dumps({"epoch": epoch, "step": step, "loss": loss, "lr": lr, "img_per_s": round(ips, 1)}),
+                      file=log_file, flush=True)
+                steps.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
                 loss_sum, n_summed, t_log = torch.zeros((), device=device), 0, time.time()
             if stopping:
                 break
-        improved = []
-        if not stopping:
-            epoch, batch_in_epoch = epoch + 1, 0
-            improved, report = evaluate_epoch(model_without_ddp, ema, val_loader, device, autocast, distributed, best)
-        keep = not stopping and (epoch % args.save_every == 0 or epoch == args.epochs)   # a copy every save_every
-        state = dict(world_size=world_size, epoch=epoch, batch_in_epoch=batch_in_epoch, best=best,
-                     **({"model_ema": ema.module.state_dict()} if ema else {}))
-        save_training_state([path_last] + [os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth")] * keep +
-                            [os.path.join(args.output_dir, f"checkpoint-{name}.pth") for name in improved],
-                            model_without_ddp, optimizer, scaler, args, **state)
-        if stopping:
-            log(f"SIGTERM: saved {path_last} at epoch {epoch}, batch {batch_in_epoch}; exiting")
-        else:
-            print(json.dumps({"epoch": epoch, **report}), file=log_file, flush=True)
-            log(f"epoch {epoch}/{args.epochs} | loss {loss:.4f} | {accuracy_line(report)} | {args.output_dir}")
+        epoch_done, improved = batch_in_epoch == batches_per_epoch, []   # done: also when stopped at its last step
+        if epoch_done:
+            epoch, batch_in_epoch = epoch + 1, 0                        # saved as the next epoch's start
+            improved, record, line = evaluate_epoch(model_without_ddp, ema, val_loader, device, autocast, distributed,
+                                                    best)
+        if not torch.stack([p.isfinite().all() for p in model_without_ddp.parameters()]).all():   # a late divergence
+            sys.exit(f"error: the weights are not finite (the last step diverged); not saving. The last good "
+                     f"checkpoint is {path_last}; resume from it with a lower --blr or --amp none")
+        paths = [path_last] + [os.path.join(args.output_dir, f"checkpoint-{name}.pth") for name in improved]
+        if epoch_done and (epoch % args.save_every == 0 or epoch == args.epochs):
+            paths.append(os.path.join(args.output_dir, f"checkpoint-{epoch:04d}.pth"))   # a copy every save_every
+        ema_state = {"model_ema": ema.module.state_dict()} if ema else {}
+        save_training_state(paths, model_without_ddp, optimizer, scaler, args, world_size=world_size, epoch=epoch,
+                            batch_in_epoch=batch_in_epoch, best=best, **ema_state)
+        if epoch_done:
+            print(json.dumps({"epoch": epoch, **record}), file=log_file, flush=True)
+            log(f"epoch {epoch}/{args.epochs} | {line} | {args.output_dir}")
+    if stopping:
+        log(f"{'Ctrl-C' if stop.received == signal.SIGINT else 'SIGTERM'}: saved {path_last} at epoch {epoch}, "
+            f"batch {batch_in_epoch}; continue with --resume auto")
 
     # 10. teardown
     if distributed:
         dist.destroy_process_group()
+    return 130 if stop.received == signal.SIGINT else 0
 
 
 if __name__ == "__main__":
-    main(get_args())
+    sys.exit(main(get_args()))

@@ -473,8 +473,7 @@ def main(args):
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            # per step, the ranks all-reduce one CPU float (has any been asked to stop?) on gloo: no GPU sync
-            stopping = count_ranks(stop.received is not None, host_group) > 0
+            stopping = count_ranks(stop.received is not None, host_group) > 0   # any rank? a CPU float: no GPU sync
             if step % args.log_every == 0 or step == steps_per_epoch or stopping:
                 if distributed:
                     dist.all_reduce(loss_sum)

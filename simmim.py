@@ -411,7 +411,6 @@ def get_args(argv=None):
     p.add_argument("--milestones", type=int, nargs="*", default=[700], help="multistep: epochs where lr drops x0.1")
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--clip_grad", type=float, default=5.0, help="max grad norm (the configs: 5); 0: off")
-    # system
     p.add_argument("--output_dir", default=None, help="default: output/<model>")
     p.add_argument("--resume", default="", help="a checkpoint, or 'auto': output_dir/checkpoint-last.pth if present")
     p.add_argument("--seed", type=int, default=0)
@@ -463,10 +462,8 @@ def check_args(args):
 
 # --- training (main_simmim.py) ---
 def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases and norms (1-D) nor on the mask and cls tokens. The official
-    (optimizer.py) skips the same, but for the ViT's mask token (3-D, not in its skip list): every file here
-    skips tokens, one rule for all reads simpler than one per method, and it concerns one vector of D values.
-    Swin's relative position bias tables are decayed, as the official does in effect: its skip keyword for
+    """AdamW groups: no weight decay on biases, norms (1-D) and tokens (the official decays the ViT's mask token: D
+    values). Swin's relative position bias tables are decayed, as the official does in effect: its skip keyword for
     them gets an `encoder.` prefix that no parameter name contains."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -603,8 +600,7 @@ def main(args):
     # 2. seed: per rank, for what is drawn outside the data pipeline (model init: DDP copies rank 0's)
     torch.manual_seed(args.seed + rank)
 
-    # 3. data: batches of (imgs [B, 3, H, W], noise [B, L]), SimMIM's crop (data_simmim.py); sample i of an epoch draws
-    # its crop, flip and masking noise from a stream seeded by (seed, epoch, i): the same whatever the processes
+    # 3. data: batches of (imgs [B, 3, H, W], noise [B, L]), SimMIM's crop (data_simmim.py), as in mae.py's step 3
     L = (args.input_size // MODELS[args.model].keywords.get("mask_patch_size", 32)) ** 2
     try:
         images = load_images(args.data, "train", args.input_size, args.builtin_images)
@@ -679,8 +675,7 @@ def main(args):
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            # per step, the ranks all-reduce one CPU float (has any been asked to stop?) on gloo: no GPU sync
-            stopping = count_ranks(stop.received is not None, host_group) > 0
+            stopping = count_ranks(stop.received is not None, host_group) > 0   # any rank? a CPU float: no GPU sync
             if step % args.log_every == 0 or step == steps_per_epoch or stopping:
                 if distributed:
                     dist.all_reduce(loss_sum)

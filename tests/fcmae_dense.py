@@ -45,7 +45,7 @@ class DenseFCMAE(FCMAE):
     def forward_encoder(self, imgs, mask_ratio, noise=None):
         if noise is None:
             noise = torch.randn(imgs.shape[0], self.grid ** 2, device=imgs.device)
-        mask, _ = random_masking(noise, mask_ratio)
+        _, mask, _ = random_masking(noise, mask_ratio)
         return dense_encoder(self.encoder, imgs, mask), mask
 
 

@@ -517,7 +517,7 @@ def probe_features(model, split, n):
     images, transform = load_images(None, split, 32, n), ft.eval_transform(32)
     with torch.no_grad():
         imgs = torch.stack([transform(images[i][0]) for i in range(n)])
-        return model.forward_features(imgs), torch.tensor([images[i][1] for i in range(n)])
+        return model.features(imgs), torch.tensor([images[i][1] for i in range(n)])
 
 
 def hand_knn(train, val, k=20, T=0.07, weighted=True):

@@ -13,6 +13,7 @@ import torch.nn as nn
 from PIL import Image
 from torchvision import transforms
 
+import augment
 import finetune as ft
 from helpers import ROOT, assert_same_weights, kill, log_lines, run, run_main, start, wait_for, weights
 
@@ -31,36 +32,36 @@ def as_tensor(img):
 
 def test_every_randaugment_operation_equals_timms_byte_for_byte_at_each_magnitude_and_sign():
     g = GOLDEN["randaugment"]
-    assert {name for name, _, _ in g["cases"]} == set(ft.RAND_OPS) and len(ft.RAND_OPS) == 15
+    assert {name for name, _, _ in g["cases"]} == set(augment.RAND_OPS) and len(augment.RAND_OPS) == 15
     bad = [(name, m, negated) for (name, m, negated), out in zip(g["cases"], g["outputs"])
-           if not torch.equal(as_tensor(ft.rand_op(pil(g["image"]), name, m, negated)), out)]
+           if not torch.equal(as_tensor(augment.rand_op(pil(g["image"]), name, m, negated)), out)]
     assert not bad, f"differ from timm: {bad}"
-    black = ft.rand_op(pil(g["image"]), "PosterizeIncreasing", 10.0)           # 0 bits kept, as on Pillow < 10
+    black = augment.rand_op(pil(g["image"]), "PosterizeIncreasing", 10.0)           # 0 bits kept, as on Pillow < 10
     assert not as_tensor(black).any()
 
 
 def test_randaugment_draws_two_ops_with_replacement_each_at_p_half_and_magnitude_n9_half_clipped():
     torch.manual_seed(0)
-    ra, n = ft.RandAugment(), 20000
+    ra, n = augment.RandAugment(), 20000
     draws = [ra.draw() for _ in range(n)]
     ops = [op for d in draws for op in d]
     assert abs(len(ops) / (2 * n) - 0.5) < 0.01                                 # each of the two at p 0.5
     counts = Counter(name for name, _, _ in ops)
-    assert set(counts) == set(ft.RAND_OPS) and max(abs(c / len(ops) - 1 / 15) for c in counts.values()) < 0.006
+    assert set(counts) == set(augment.RAND_OPS) and max(abs(c / len(ops) - 1 / 15) for c in counts.values()) < 0.006
     pairs = [d for d in draws if len(d) == 2]
     assert abs(sum(a[0] == b[0] for a, b in pairs) / len(pairs) - 1 / 15) < 0.01   # with replacement
     m = np.array([m for _, m, _ in ops])
     clipped = np.clip(np.random.default_rng(0).normal(9, 0.5, 10 ** 6), 0, 10)   # mean 8.996, std 0.488
     assert abs(m.mean() - clipped.mean()) < 0.012 and abs(m.std() - clipped.std()) < 0.008   # 3.5 sigma
     assert abs(sum(neg for _, _, neg in ops) / len(ops) - 0.5) < 0.01
-    high = torch.tensor([m for _ in range(4000) for _, m, _ in ft.RandAugment(9.9).draw()])
+    high = torch.tensor([m for _ in range(4000) for _, m, _ in augment.RandAugment(9.9).draw()])
     assert high.max() == 10.0 and abs((high == 10.0).double().mean() - 0.42) < 0.03   # P(N(9.9, .5) > 10) = 0.42
 
 
 def test_the_recipe_transform_leaves_about_a_quarter_of_images_unaugmented_as_timm():
     """timm's rand-m9-mstd0.5-inc1 leaves an image as it was when both ops are skipped (1/4) or do nothing;
     over 300 seeded draws on one image, 27.7 % (torchvision's RandAugment, which always applies both: 1 %)."""
-    img, ra = pil(GOLDEN["randaugment"]["image"]), ft.RandAugment()
+    img, ra = pil(GOLDEN["randaugment"]["image"]), augment.RandAugment()
     unchanged = 0
     for seed in range(300):
         torch.manual_seed(seed)
@@ -71,7 +72,7 @@ def test_the_recipe_transform_leaves_about_a_quarter_of_images_unaugmented_as_ti
 def test_the_recipes_randaugment_draws_from_each_samples_seeded_stream():
     """common.SeededSamples seeds torch's generator per (seed, epoch, index): a resumed run augments as the first."""
     transform = ft.train_transform(32, 0.0)
-    assert isinstance(transform.transforms[2], ft.RandAugment)
+    assert isinstance(transform.transforms[2], augment.RandAugment)
     ds = ft.pretrain_loader(ft.load_images(None, "train", 32, 16), 32, 4, 0, seed=3, num_workers=0,
                             transform=transform).dataset
     assert torch.equal(ds[(2, 5)][0], ds[(2, 5)][0]) and not torch.equal(ds[(2, 5)][0], ds[(3, 5)][0])
@@ -84,12 +85,12 @@ def test_probe_crop_draws_as_maes_util_crop():
     drawn = []
     for seed in range(200):
         torch.manual_seed(seed)
-        drawn.append(ft.ProbeCrop.get_params(big, (0.08, 1.0), (3 / 4, 4 / 3)))
+        drawn.append(augment.ProbeCrop.get_params(big, (0.08, 1.0), (3 / 4, 4 / 3)))
     assert torch.equal(torch.tensor(drawn), GOLDEN["probe_crop"]["params"])
     area = torch.tensor(drawn)[:, 2:].prod(dim=1).double().mean() / (500 * 333)
     assert 0.47 < area < 0.55, area                                           # torchvision's: 0.38
     torch.manual_seed(0)
-    crop = ft.ProbeCrop(24, interpolation=ft.BICUBIC)(pil(GOLDEN["randaugment"]["image"]))
+    crop = augment.ProbeCrop(24, interpolation=ft.BICUBIC)(pil(GOLDEN["randaugment"]["image"]))
     assert torch.equal(as_tensor(crop), GOLDEN["probe_crop"]["crop24_seed0"])
 
 
@@ -122,8 +123,8 @@ def test_fine_tuning_gets_its_methods_transforms_and_the_probe_maes(model, linpr
                         "--batch_size", "8"] + ["--linprobe"] * linprobe)
     _, loader, _, val = ft.data(args, 0, 1)
     first = loader.dataset.transform.transforms[0]
-    assert isinstance(first, ft.ProbeCrop) if linprobe else isinstance(loader.dataset.transform.transforms[2],
-                                                                       ft.RandAugment)
+    assert isinstance(first, augment.ProbeCrop) if linprobe else isinstance(loader.dataset.transform.transforms[2],
+                                                                       augment.RandAugment)
     assert val.dataset.transform.transforms[0].size == [short]
 
 
