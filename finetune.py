@@ -681,6 +681,16 @@ def get_args(argv=None):
     return check_args(args)
 
 
+def input_unit(name):
+    """What --input_size must be a multiple of: the patch (MAE), the total stride (ConvMAE), else the mask unit."""
+    kw = METHODS[MODELS[name]].MODELS[name].keywords
+    if MODELS[name] == "mae":
+        return kw["patch_size"]
+    if MODELS[name].endswith("convmae"):
+        return math.prod(kw["patch_size"])
+    return kw.get("mask_patch_size", 32)                                # SimMIM, ConvNeXt V2; Swin: checked when built
+
+
 def check_args(args):
     """Bad input -> one line naming the flag and the fix (sys.exit), before any work starts; returns args."""
     if args.model not in MODELS:
@@ -710,11 +720,8 @@ def check_args(args):
                  f"on DIR/val/<class>/* (ImageNet's flat val folder: sort it into class folders, README shows how)")
     if args.finetune and not os.path.isfile(args.finetune):
         sys.exit(f"error: --finetune {args.finetune}: no such file")
-    kw = METHODS[MODELS[args.model]].MODELS[args.model].keywords
-    args.input_size = args.input_size or kw.get("img_size", 224)
-    method = MODELS[args.model]
-    unit = (kw["patch_size"] if method == "mae" else math.prod(kw["patch_size"]) if method.endswith("convmae")
-            else kw.get("mask_patch_size", 32))                        # simmim, convnextv2; Swin: checked when built
+    args.input_size = args.input_size or METHODS[MODELS[args.model]].MODELS[args.model].keywords.get("img_size", 224)
+    unit = input_unit(args.model)
     if args.input_size <= 0 or args.input_size % unit:
         sys.exit(f"error: --input_size {args.input_size} is not a positive multiple of {unit} for {args.model}; "
                  f"try {max(args.input_size // unit, 1) * unit}")

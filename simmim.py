@@ -349,8 +349,8 @@ class SimMIM(nn.Module):
         return ((imgs - pred).abs() * hidden).sum() / (hidden.sum() + 1e-5) / imgs.shape[1]
 
     def forward_features(self, imgs):
-        """The encoder on the whole image, no mask: ViT [N, 1 + T, D] before its final norm (the
-        fine-tuning model mean-pools, then applies fc_norm); Swin [N, H/stride * W/stride, C] after `norm`."""
+        """The encoder on the whole image, no mask: what the official fine-tuning model pools. [N, 3, H, W] -> ViT
+        [N, 1 + T, D], cls first, before `norm` (mean of the patch tokens -> fc_norm); Swin [N, T', C] after `norm`."""
         if isinstance(self.encoder, VisionTransformerForSimMIM):
             return self.encoder(imgs, norm=False)
         return self.encoder(imgs)

@@ -224,3 +224,48 @@ def vit_block_keys(prefix, D):
             f"{prefix}.norm2.weight": [D], f"{prefix}.norm2.bias": [D],
             f"{prefix}.mlp.fc1.weight": [4 * D, D], f"{prefix}.mlp.fc1.bias": [4 * D],
             f"{prefix}.mlp.fc2.weight": [D, 4 * D], f"{prefix}.mlp.fc2.bias": [D]}
+
+
+class StopAtStep:
+    """Stands in for a loop's StopSignals: asked once a step, it reports a SIGTERM from the n-th step on, as if the
+    signal had landed exactly there (a real signal cannot be aimed at one step)."""
+
+    def __init__(self, n):
+        self.asked, self.n = 0, n
+
+    @property
+    def received(self):
+        self.asked += 1
+        return signal.SIGTERM if self.asked >= self.n else None
+
+
+def run_on_terminal(script, *args, timeout=300):
+    """Run with stderr on a pseudo-terminal (as a person at a terminal sees it) and stdout on a pipe; returns
+    (exit code, stdout, what the terminal showed)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))   # 40 x 160, as a terminal window
+    proc = subprocess.Popen(train_cmd(script, *args), stdout=subprocess.PIPE, stderr=slave, text=True, cwd=ROOT,
+                            env=_env())
+    os.close(slave)
+    shown = []
+
+    def drain():                                                        # a full terminal buffer would block the run
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:                                             # the run closed its end
+                return
+            if not chunk:
+                return
+            shown.append(chunk)
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    out, _ = proc.communicate(timeout=timeout)
+    reader.join(timeout=10)
+    os.close(master)
+    return proc.returncode, out, b"".join(shown).decode(errors="replace")

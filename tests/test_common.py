@@ -189,3 +189,18 @@ def test_skip_batches_resumes_mid_epoch():
 def test_batch_larger_than_data_is_an_error():
     with pytest.raises(ValueError, match="--batch_size 32"):
         pretrain_loader(BuiltinShapes(16, 32), 32, 32, 64)
+
+
+def test_the_folder_walk_visits_each_real_folder_once_through_a_loop_and_follows_a_mounted_class(tmp_path):
+    """train/cat/up -> .. is a loop (os.walk with followlinks never notices); train/bird links to a folder elsewhere,
+    as a data set mounted from another disk."""
+    write_images(tmp_path / "train" / "cat", 10)
+    write_images(tmp_path / "train" / "dog", 10, seed=1)
+    write_images(tmp_path / "disk" / "birds", 5, seed=2)
+    os.symlink("..", tmp_path / "train" / "cat" / "up")
+    os.symlink(tmp_path / "disk" / "birds", tmp_path / "train" / "bird")
+    ds = ImageFiles(str(tmp_path / "train"))
+    assert ds.classes == ["bird", "cat", "dog"] and len(ds) == 25
+    assert len({os.path.realpath(p) for p, _ in ds.samples}) == 25
+    for path, label in ds.samples:                                      # each image under its own class
+        assert os.path.relpath(path, tmp_path / "train").split(os.sep)[0] == ds.classes[label]

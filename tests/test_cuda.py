@@ -290,3 +290,25 @@ def test_training_on_cuda_bf16_fp16_compile_and_resume(script, model, extra, fp1
         check(abs(sum(compiled) / len(compiled) / mean0 - 1) < 0.02, "compiled epoch mean loss")
     print(f"{script}: " + "; ".join(seen))
     assert not failed, "; ".join(failed) + " | " + "; ".join(seen)
+
+
+def test_the_fine_tuning_emas_update_never_waits_for_the_gpu():
+    """ModelEma.update after each optimizer step: foreach kernels on the device, no host sync (sync debug mode raises
+    on any) and the average of timm's rule."""
+    import finetune
+    model = finetune.build_classifier("convnextv2_fcmae_test", 10).to(CUDA)
+    ema = finetune.ModelEma(model, decay=0.9)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ema.update()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    after, live = ema.module.state_dict(), model.state_dict()
+    for k, v in before.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(after[k], 0.9 * v + 0.1 * live[k], rtol=1e-6, atol=1e-6)

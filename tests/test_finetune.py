@@ -10,8 +10,8 @@ from PIL import Image
 
 import finetune as ft
 from common import ImageFiles, cosine_lr, load_images, set_lr
-from helpers import (assert_same_weights, kill, last_line, log_lines, one_line_error_failures, run, run_main, start,
-                     vit_block_keys, wait_for, weights)
+from helpers import (StopAtStep, assert_same_weights, kill, last_line, log_lines, one_line_error_failures, run,
+                     run_main, start, vit_block_keys, wait_for, weights)
 
 TINY = ["mae_vit_tiny", "convmae_convvit_tiny", "fastconvmae_convvit_tiny", "simmim_vit_tiny", "simmim_swin_tiny",
         "convnextv2_fcmae_test"]
@@ -480,6 +480,8 @@ def test_linprobe_run_keeps_the_pretrained_encoder_bit_identical(pretrained, tmp
     encoder = [k for k in probe if not k.startswith("head.")]
     assert len(encoder) > 40 and all(torch.equal(probe[k], pre[k]) for k in encoder)
     assert not torch.equal(probe["head.0.running_mean"], torch.zeros_like(probe["head.0.running_mean"]))
+    r = run_main("finetune.py", *ft_args("--knn", "--eval", "--resume", tmp_path / "checkpoint-last.pth"))
+    assert r.returncode == 0 and f"k-NN, {tmp_path / 'checkpoint-last.pth'}: top-1 " in r.stdout, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("model", ["mae_vit_tiny", "convmae_convvit_tiny"])          # convmae: 1x1 convolutions
@@ -497,11 +499,9 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(model, t
     assert round(two_acc / per_image, 6).is_integer() and abs(one_acc - two_acc) <= per_image
 
 
-def test_sigkill_then_resume_and_sigterm_then_resume_are_bit_identical(tmp_path):
+def test_sigkill_then_resume_and_sigterm_then_resume_are_bit_identical(whole_run, tmp_path):
     args = ft_args("--epochs", 3, "--log_every", 1)              # 8 steps per epoch; MixUp, CutMix, drop path on
-    r = run_main("finetune.py", *args, "--output_dir", tmp_path / "whole")
-    assert r.returncode == 0, r.stderr[-2000:]
-    whole = weights(tmp_path / "whole" / "checkpoint-last.pth")
+    whole = weights(whole_run / "checkpoint-last.pth")
     for sig, out in ((signal.SIGKILL, tmp_path / "kill"), (signal.SIGTERM, tmp_path / "term")):
         proc = start("finetune.py", *args, "--output_dir", out)
         wait_for(lambda: any(e.get("epoch") == 1 and e.get("step", 0) >= 5 for e in log_lines(out)), proc)
@@ -510,6 +510,47 @@ def test_sigkill_then_resume_and_sigterm_then_resume_are_bit_identical(tmp_path)
         r = run_main("finetune.py", *args, "--output_dir", out, "--resume", "auto")
         assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
         assert_same_weights(weights(out / "checkpoint-last.pth"), whole)
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    """An uninterrupted 3-epoch fine-tuning (8 steps an epoch; MixUp, CutMix, drop path on): its directory."""
+    out = tmp_path_factory.mktemp("whole")
+    r = run_main("finetune.py", *ft_args("--epochs", 3, "--log_every", 1), "--output_dir", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_a_stop_at_an_epochs_last_step_evaluates_it_saves_the_next_start_and_resumes_exactly(whole_run, tmp_path,
+                                                                                            monkeypatch):
+    """A SIGTERM on epoch 0's last step: the epoch is evaluated and its position saved as epoch 1's start. A
+    checkpoint that an earlier version saved at that position (epoch 0, batch 8 of 8) resumes too."""
+    monkeypatch.setattr(ft, "StopSignals", lambda: StopAtStep(8))
+    r = run_main("finetune.py", *ft_args("--epochs", 3, "--log_every", 1), "--output_dir", tmp_path)
+    assert r.returncode == 0 and "SIGTERM: saved" in r.stdout, r.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"]) == (1, 0) and [e["epoch"] for e in log_lines(tmp_path)
+                                                                  if "acc1" in e] == [1]
+    monkeypatch.undo()
+    torch.save({**ckpt, "epoch": 0, "batch_in_epoch": 8}, tmp_path / "epoch-end.pth")   # the old position
+    for out, resume in ((tmp_path, "auto"), (tmp_path / "old", tmp_path / "epoch-end.pth")):
+        r = run_main("finetune.py", *ft_args("--epochs", 3, "--log_every", 1), "--output_dir", out, "--resume", resume)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert_same_weights(weights(out / "checkpoint-last.pth"), weights(whole_run / "checkpoint-last.pth"))
+        assert [e["acc1"] for e in log_lines(out) if "acc1" in e][-1] == \
+            [e["acc1"] for e in log_lines(whole_run) if "acc1" in e][-1]
+
+
+def test_ctrl_c_saves_says_how_to_go_on_exits_130_and_resumes_bit_identical(whole_run, tmp_path):
+    args = ft_args("--epochs", 3, "--log_every", 1)
+    proc = start("finetune.py", *args, "--output_dir", tmp_path)
+    wait_for(lambda: any(e.get("epoch") == 1 and e.get("step", 0) >= 3 for e in log_lines(tmp_path)), proc)
+    code, out, err = kill(proc, signal.SIGINT)
+    assert code == 130 and "Traceback" not in err, err[-2000:]
+    assert last_line(out).startswith("Ctrl-C: saved ") and last_line(out).endswith("continue with --resume auto")
+    r = run_main("finetune.py", *args, "--output_dir", tmp_path, "--resume", "auto")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-2000:]
+    assert_same_weights(weights(tmp_path / "checkpoint-last.pth"), weights(whole_run / "checkpoint-last.pth"))
 
 
 def probe_features(model, split, n):
@@ -589,6 +630,7 @@ def bad_cases(tmp_path, pretrained):
         (["--data", no_val], f"--data {no_val} has no val/ folder; fine-tuning reads DIR/train/<class>/*"),
         (["--data", tmp_path / "missing"], "no such folder"),
         (["--resume", pretrained, "--output_dir", tmp_path / "o"], "is not a mae_vit_tiny finetune checkpoint"),
+        (["--resume", tmp_path / "typo.pth"], "--resume " + str(tmp_path / "typo.pth") + ": no such file"),
         (["--finetune", tmp_path / "odd.pth"], "does not fit"),
         (["--model", "simmim_vit_tiny", "--finetune", pretrained], "it holds mae_vit_tiny's weights"),
         (["--output_dir", "/proc/no-such-dir"], "--output_dir"),

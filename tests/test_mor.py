@@ -406,6 +406,12 @@ def test_bad_mor_input_gives_one_line_naming_the_flag(tmp_path):
     r = run_main("fastconvmae_mor.py", *tiny, "--epochs", 2, "--output_dir", tmp_path / "p", "--resume", "auto")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert last_line(r.stderr).startswith("error: --resume") and "does not fit" in last_line(r.stderr)
+    # a MoR checkpoint resumed with another set of teachers: the line names both sets
+    dino = script(RandomConv(1), tmp_path / "dino.pt")
+    r = run_main("fastconvmae_mor.py", *tiny, "--epochs", 2, "--teacher_dino", dino, "--output_dir", tmp_path / "m",
+                 "--resume", "auto")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "was trained with the teachers ema, this run has ema, dino" in last_line(r.stderr), r.stderr
 
 
 def test_the_mor_flags_belong_to_fastconvmae_mor_py_only(tmp_path, monkeypatch):

@@ -6,6 +6,8 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
 from collections import namedtuple
 
 import numpy as np
@@ -14,8 +16,9 @@ import torch
 from PIL import Image
 
 from common import cosine_lr
-from helpers import (assert_same_weights, free_port, kill, last_line, log_lines, one_line_error_failures, rank_env,
-                     run, run_main, start, wait_for, weights, without_key_bias, write_images)
+from helpers import ROOT
+from helpers import (StopAtStep, assert_same_weights, free_port, kill, last_line, log_lines, one_line_error_failures,
+                     rank_env, run, run_main, run_on_terminal, start, wait_for, weights, without_key_bias, write_images)
 
 # pixels: the flags for plain-pixel targets; schedule: the flags that make the file's lr schedule
 # a cosine from a warmup that starts at 0 (SimMIM's default is a step decay from a nonzero warmup start)
@@ -159,14 +162,15 @@ def test_sigterm_saves_mid_epoch_exits_0_and_resumes_bit_identical(m, tmp_path, 
 
 
 @pytest.mark.parametrize("m", MAE_ONLY, ids=["mae.py"])
-def test_sigterm_under_torchrun_stops_every_rank_and_resumes_bit_identical(m, tmp_path):
+@pytest.mark.parametrize("sig, name", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
+def test_sigterm_or_ctrl_c_under_torchrun_stops_every_rank_and_resumes_bit_identical(m, sig, name, tmp_path):
     args = [*tiny(m), "--epochs", 2, "--builtin_images", 256, "--batch_size", 4, "--lr", "1e-3", "--log_every", 1]
     ref = run(m.script, *args, "--output_dir", tmp_path / "ref", torchrun=2)
     assert ref.returncode == 0, ref.stderr[-2000:]
     proc = start(m.script, *args, "--output_dir", tmp_path / "run", torchrun=2)
     wait_for(lambda: any(e["epoch"] == 0 and e["step"] >= 4 for e in log_lines(tmp_path / "run")), proc)
-    _, out, err = kill(proc, signal.SIGTERM)                # to the launcher, which passes it to both ranks
-    assert "SIGTERM: saved" in out, err[-2000:]
+    _, out, err = kill(proc, sig)                           # to the launcher, which passes it to both ranks
+    assert f"{name}: saved" in out and "continue with --resume auto" in out, err[-2000:]
     ckpt = torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=True)
     assert ckpt["epoch"] == 0 and 0 < ckpt["batch_in_epoch"] < 32 and ckpt["world_size"] == 2, err[-2000:]
     r = run(m.script, *args, "--output_dir", tmp_path / "run", "--resume", "auto", torchrun=2)
@@ -223,6 +227,69 @@ def test_a_checkpoint_only_some_ranks_can_see_stops_every_rank_with_one_line(m, 
 
 # --- bad input: a clear one-line error naming the culprit, never a traceback ---
 
+def test_a_stop_at_an_epochs_last_step_saves_the_next_epochs_start_and_resume_does_nothing_twice(m, tmp_path, monkeypatch,
+                                                                                                  uninterrupted_runs):
+    """A SIGTERM that lands on epoch 0's last step (32 of 32): the epoch is whole, so its end work is done then (the
+    picture) and the position saved is epoch 1's start; the resumed run starts at epoch 1, step 1."""
+    module = importlib.import_module(m.script[:-3])
+    monkeypatch.setattr(module, "StopSignals", lambda: StopAtStep(32))
+    r = run_main(m.script, *long(m), "--output_dir", tmp_path)
+    assert r.returncode == 0 and "SIGTERM: saved" in r.stdout and "continue with --resume auto" in r.stdout, r.stdout
+    ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"]) == (1, 0) and (tmp_path / "recon-epoch001.png").exists()
+    monkeypatch.undo()
+    before = len(log_lines(tmp_path))
+    r = run_main(m.script, *long(m), "--output_dir", tmp_path, "--resume", "auto")
+    assert r.returncode == 0 and "at epoch 1, batch 0" in r.stdout, r.stderr[-2000:]
+    assert (log_lines(tmp_path)[before]["epoch"], log_lines(tmp_path)[before]["step"]) == (1, 1)
+    assert_same_weights(weights(tmp_path / "checkpoint-last.pth"), uninterrupted_runs(m))
+
+
+@pytest.mark.parametrize("m", MAE_ONLY, ids=["mae.py"])
+def test_ctrl_c_saves_mid_epoch_says_how_to_go_on_exits_130_and_resumes_bit_identical(m, tmp_path, uninterrupted_runs):
+    proc = start(m.script, *long(m), "--output_dir", tmp_path)
+    wait_for(lambda: any(e["epoch"] == 1 and e["step"] >= 3 for e in log_lines(tmp_path)), proc)
+    code, out, err = kill(proc, signal.SIGINT)
+    assert code == 130 and "Traceback" not in err, err[-2000:]
+    assert last_line(out).startswith("Ctrl-C: saved ") and last_line(out).endswith("continue with --resume auto")
+    ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    assert ckpt["epoch"] == 1 and 0 < ckpt["batch_in_epoch"] < 32
+    r = run_main(m.script, *long(m), "--output_dir", tmp_path, "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_same_weights(weights(tmp_path / "checkpoint-last.pth"), uninterrupted_runs(m))
+
+
+def test_a_second_ctrl_c_aborts_at_once_but_torchruns_echo_of_the_first_does_not():
+    """The handler alone, in a process of its own: the first SIGINT only asks to stop; one within a second is the
+    launcher passing it on; one later ends the process by SIGINT's default, with no traceback."""
+    code = ("import os, signal, time, mae\n"
+            "stop = mae.StopSignals()\n"
+            "os.kill(os.getpid(), signal.SIGINT); time.sleep(0.1); os.kill(os.getpid(), signal.SIGINT)\n"
+            "print('asked', stop.received == signal.SIGINT, flush=True)\n"
+            "time.sleep(1.2); os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+            "print('not aborted', flush=True)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == -signal.SIGINT and r.stdout == "asked True\n" and "Traceback" not in r.stderr, r
+
+
+@pytest.mark.parametrize("m", MAE_ONLY, ids=["mae.py"])
+def test_progress_bars_show_on_a_terminal_only_and_leave_the_log_lines_as_they_are(m, tmp_path):
+    data = tmp_path / "data"
+    for label in ("a", "b"):
+        write_images(data / "train" / label, 16, seed=ord(label))
+    args = [*tiny(m), "--data", data, "--epochs", 1, "--batch_size", 8, "--lr", "1e-3", "--log_every", 1]
+    code, out, terminal = run_on_terminal(m.script, *args, "--output_dir", tmp_path / "tty")
+    piped = run(m.script, *args, "--output_dir", tmp_path / "pipe")
+    assert code == 0 and piped.returncode == 0, terminal[-2000:] + piped.stderr[-2000:]
+    assert f"scanning {data / 'train'}" in terminal and "epoch 0" in terminal and "step/s" in terminal
+    assert "loss=" in terminal and "img_s=" in terminal                 # the epoch bar's loss, lr and img/s
+    assert "step/s" not in piped.stderr and "scanning" not in piped.stderr and "\r" not in piped.stderr
+    lines = [[line.split(" | ")[:3] for line in o.splitlines() if " step " in line] for o in (out, piped.stdout)]
+    assert lines[0] == lines[1] and len(lines[0]) == 4                   # the same log lines (but for img/s)
+    logs = [[{k: v for k, v in e.items() if k != "img_per_s"} for e in log_lines(tmp_path / d)] for d in ("tty", "pipe")]
+    assert logs[0] == logs[1] and len(logs[0]) == 4
+
+
 def _bad_input_cases(m, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "broken").mkdir()
@@ -230,6 +297,9 @@ def _bad_input_cases(m, tmp_path):
         (tmp_path / "broken" / f"bad{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (tmp_path / "a_file").write_text("x")
     torch.save({"model": {}, "args": {"model": m.base}}, tmp_path / "base.pth")
+    module = importlib.import_module(m.script[:-3])
+    torch.save({"model": module.MODELS[m.tiny]().state_dict(), "optimizer": {"state": {}, "param_groups": []},
+                "args": {"model": m.tiny}}, tmp_path / "other_optimizer.pth")   # weights that fit, an optimizer not
     (tmp_path / "garbage.pth").write_bytes(os.urandom(100))
     cases = [  # (extra args, what the one line must name)
         (["--data", tmp_path / "missing"], "missing"),
@@ -250,7 +320,8 @@ def _bad_input_cases(m, tmp_path):
         (["--weight_decay", -0.05], "--weight_decay must be a finite number at least 0"),
         (["--clip_grad", -1], "--clip_grad"),
         (["--warmup_epochs", -1], "--warmup_epochs"),
-        (["--resume", tmp_path / "nothing.pth"], "nothing.pth"),
+        (["--resume", tmp_path / "nothing.pth"], "nothing.pth: no such file"),
+        (["--resume", tmp_path / "other_optimizer.pth"], "does not fit"),
         (["--resume", tmp_path / "base.pth"], m.base),
         (["--resume", tmp_path / "garbage.pth"], "garbage.pth"),
         (["--output_dir", tmp_path / "a_file" / "out"], "--output_dir"),
