@@ -23,10 +23,6 @@ def _lut(img, table):                                                   # the sa
     return img.point(table * len(img.getbands()))
 
 
-def _enhance(kind):                                                     # ImageEnhance.Color, Contrast, ...
-    return lambda img, v: getattr(ImageEnhance, kind)(img).enhance(1.0 + v)
-
-
 # name: (operation(img, argument), the argument at magnitude m of 10 (None: no argument), whether its sign is drawn);
 # timm's "increasing" variants: every operation changes the image more as m grows
 RAND_OPS = {
@@ -40,8 +36,11 @@ RAND_OPS = {
                            False),
     "SolarizeAdd": (lambda img, add: _lut(img, [min(255, i + add) if i < 128 else i for i in range(256)]),
                     lambda m: int(m / 10 * 110), False),
-    **{f"{kind}Increasing": (_enhance(kind), lambda m: m / 10 * 0.9, True)   # factor 1 -+ up to 0.9
-       for kind in ("Color", "Contrast", "Brightness", "Sharpness")},
+    "ColorIncreasing": (lambda img, v: ImageEnhance.Color(img).enhance(1.0 + v), lambda m: m / 10 * 0.9, True),
+    "ContrastIncreasing": (lambda img, v: ImageEnhance.Contrast(img).enhance(1.0 + v), lambda m: m / 10 * 0.9, True),
+    "BrightnessIncreasing": (lambda img, v: ImageEnhance.Brightness(img).enhance(1.0 + v), lambda m: m / 10 * 0.9,
+                             True),
+    "SharpnessIncreasing": (lambda img, v: ImageEnhance.Sharpness(img).enhance(1.0 + v), lambda m: m / 10 * 0.9, True),
     "ShearX": (lambda img, v: _affine(img, (1, v, 0, 0, 1, 0)), lambda m: m / 10 * 0.3, True),
     "ShearY": (lambda img, v: _affine(img, (1, 0, 0, v, 1, 0)), lambda m: m / 10 * 0.3, True),
     "TranslateXRel": (lambda img, v: _affine(img, (1, 0, v * img.size[0], 0, 1, 0)), lambda m: m / 10 * 0.45, True),

@@ -461,7 +461,7 @@ def train_transform(size, reprob, randaug=9):
 
 
 def probe_transform(size):
-    """MAE main_linprobe.py: the crop above (bicubic), flip, normalisation."""
+    """MAE main_linprobe.py: its crop (augment.ProbeCrop, bicubic), flip, normalisation."""
     return transforms.Compose([ProbeCrop(size, interpolation=BICUBIC), transforms.RandomHorizontalFlip(),
                                transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
