@@ -189,7 +189,7 @@ def ignore_stop_signals(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-# --- progress: bars where a person waits, today's log lines everywhere else ---
+# --- progress: bars where a person waits, the log lines alone everywhere else ---
 def progress(iterable=None, **kwargs):
     """tqdm on stderr for rank 0 where stderr is a terminal; in a file, under a scheduler or in CI it draws nothing."""
     hidden = int(os.environ.get("RANK", 0)) > 0 or not sys.stderr.isatty()
